@@ -1,0 +1,39 @@
+# envtune: two commands on a fresh machine, `make run` and `make test`; both go through `make setup`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.envtune-installed
+SGLANG_CONTRACT := .cache/sglang/api_types.py
+
+.PHONY: setup run test lint bench clean-venv
+
+setup: $(STAMP) $(SGLANG_CONTRACT)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# BFCL V3 data, environment classes and checker; --no-deps: its declared requirements are API
+	# SDKs with hard pins that the multi-turn classes never import (mpmath is in our dependencies).
+	$(PY) -m pip install -q --no-deps bfcl-eval==2025.6.13
+	touch $(STAMP)
+
+# SGLang's own HTTP contract decoder, used by tests as the judge of the client and the server.
+$(SGLANG_CONTRACT):
+	mkdir -p .cache/sglang
+	$(PY) -m pip download -q --no-deps sglang==0.5.23 -d .cache/sglang
+	cd .cache/sglang && unzip -o -j -q sglang-0.5.23-*.whl sglang/api/v1/api_types.py
+
+run: setup
+	$(PY) -m envtune.environments.replay
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,64 @@
+"""Finished token-in/token-out trajectories: what rollouts hand to the learner.
+
+A trajectory keeps exactly the ids the engine sampled and the ids appended for environment
+messages, with a loss mask, behaviour logprobs and the policy version of every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Trajectory:
+    """One finished episode, token for token."""
+
+    task_id: str
+    """BFCL task id."""
+    group_id: str
+    """Id shared by the GRPO group (n episodes of the same task started together)."""
+    token_ids: tuple[int, ...]
+    """prompt + every sampled and appended token, in order (never re-tokenized)."""
+    loss_mask: tuple[bool, ...]
+    """True for tokens the model sampled (trained on); False for prompt and environment tokens."""
+    behavior_logprobs: tuple[float, ...]
+    """Engine logprob of each token under the policy that sampled it (0.0 where loss_mask is False)."""
+    policy_versions: tuple[int, ...]
+    """Policy version that sampled each token (-1 where loss_mask is False)."""
+    reward: float
+    """The scalar reward the stage trains on (progress, or the stage-1 syntax reward)."""
+    progress: float
+    """R_P of the episode (logged in every stage)."""
+    format_reward: float
+    """R_format of the episode."""
+    tool_reward: float
+    """R_tool of the episode."""
+    turn_passed: tuple[bool, ...]
+    """Per-turn verdicts (all turns of the task)."""
+    step_codes: tuple[int, ...]
+    """Per-step codes (paper.md §3.3)."""
+    stage: int
+    """Curriculum stage the episode started in (1-4; 0 outside a curriculum)."""
+    start_version: int
+    """Policy version when the group was dispatched (the staleness bound counts from it)."""
+    truncated: bool = False
+    """True when the episode hit a length cap before its last turn."""
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        if not (len(self.loss_mask) == len(self.behavior_logprobs) == len(self.policy_versions) == n):
+            raise ValueError(
+                "trajectory fields disagree in length: "
+                f"ids={n} mask={len(self.loss_mask)} logprobs={len(self.behavior_logprobs)} "
+                f"versions={len(self.policy_versions)}"
+            )
+
+    @property
+    def num_model_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+    @property
+    def min_policy_version(self) -> int:
+        """Oldest policy version among sampled tokens (start_version when none was sampled)."""
+        versions = [v for v, m in zip(self.policy_versions, self.loss_mask, strict=True) if m]
+        return min(versions, default=self.start_version)

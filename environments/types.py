@@ -1,0 +1,149 @@
+"""Plain records that cross the boundary of ``envtune.environments``.
+
+Everything another package needs from an environment travels in these frozen dataclasses: the
+messages an episode emits, the result of one model step, the final score. No dicts of dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message, as the environment emits it (agents render it with a chat template)."""
+
+    role: Role
+    """``system`` (protocol and tools), ``user`` (a user turn or a protocol notice), ``tool``
+    (feedback after a tool step), ``assistant`` (the model's own text)."""
+    content: str
+    """The message text, already rendered (tool results are JSON-encoded once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A parsed call: a function name and keyword arguments built from literals only."""
+
+    name: str
+    """Function name as the model wrote it (not yet checked against the visible tools)."""
+    arguments: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments; values are JSON-like literals (str, int, float, bool, None, list, dict)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionDoc:
+    """One tool's documentation, as BFCL ships it in ``multi_turn_func_doc``."""
+
+    name: str
+    """The method name on its class (unique across BFCL's classes)."""
+    class_name: str
+    """The BFCL class that owns the method, e.g. ``GorillaFileSystem``."""
+    description: str
+    """BFCL's description text."""
+    parameters: dict[str, Any]
+    """BFCL's parameter schema (``type: dict`` with ``properties`` and ``required``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The doc as shown to the model (name, description, parameters)."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+class FeedbackMode(enum.StrEnum):
+    """What the environment says after a tool step."""
+
+    STANDARD = "standard"
+    """Exactly what BFCL's classes return (the evaluation condition)."""
+    AUGMENTED = "augmented"
+    """BFCL's results plus actionable hints layered over them (never an edit of the classes)."""
+
+
+class PromptStyle(enum.StrEnum):
+    """Which system prompt of paper.md §4.1 an episode uses."""
+
+    BASIC = "basic"
+    """Stages 1-2: the two output formats and when to use each."""
+    RESOURCEFUL = "resourceful"
+    """Stages 3-4: adds 'be resourceful' and 'prioritize clarity over assumptions'."""
+
+
+class StepCode(enum.IntEnum):
+    """Per-step integer codes, the same values as paper.md §3.3."""
+
+    FORMAT_ERROR = -3
+    """The reply broke the output format (or named no callable function); the turn continues."""
+    TOOL_ERROR = -2
+    """A tool step in which at least one call failed (exception, error dict, or invalid call)."""
+    TOOL_OK = -1
+    """A tool step in which every call succeeded; the turn continues."""
+    TURN_FAIL = 0
+    """The turn ended and did not pass."""
+    TURN_PASS = 1
+    """The turn ended and passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """What happened to one call of a tool step."""
+
+    call: ToolCall
+    """The call as parsed."""
+    executed: bool
+    """True when a method of the episode's instances actually ran."""
+    ok: bool
+    """True when it ran and returned no error (no exception, no ``{"error": ...}`` result)."""
+    result: str
+    """BFCL's string form of the result: the str, ``json.dumps`` of a dict, ``str`` otherwise, or
+    ``"Error during execution: ..."`` for an exception or a call refused before execution."""
+    hint: str | None = None
+    """The actionable hint added in augmented mode (None in standard mode or when none applies)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """The environment's answer to one model reply."""
+
+    code: StepCode
+    """The step code (paper.md §3.3)."""
+    observation: tuple[Message, ...]
+    """Messages to append after the model's reply: feedback, notices, the next user turn."""
+    turn_ended: bool
+    """True when this reply closed the current user turn (answer, forced end)."""
+    done: bool
+    """True when the episode is over (last turn closed); no further ``step`` is accepted."""
+    turn_index: int
+    """Index of the user turn this reply belonged to."""
+    calls: tuple[CallOutcome, ...] = ()
+    """Per-call outcomes of a tool step (empty for answers and format errors)."""
+    tools_changed: bool = False
+    """True when the visible tools changed (a missed function was revealed)."""
+    error: str | None = None
+    """The format or protocol error shown to the model, when there was one."""
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeScore:
+    """Rewards of a whole episode, as paper.md §3 defines them (with §9's fixes)."""
+
+    turn_passed: tuple[bool, ...]
+    """Pass/fail of every user turn of the task; unreached turns are False."""
+    progress: float
+    """R_P = passed turns / all turns of the task."""
+    format_reward: float
+    """R_format = (N - C_format) / N over the N steps of the episode (0 when N = 0)."""
+    tool_reward: float
+    """R_tool = C_correct / (C_correct + C_error) over tool steps (0 when there were none)."""
+    stage1_reward: float
+    """I_tool * (R_format + R_tool), in [0, 2]."""
+    step_codes: tuple[int, ...]
+    """Every step's code, in order (values of ``StepCode``)."""
+    turns_reached: int
+    """How many user turns were started (the rest count 0 in ``progress``)."""
+
+    @property
+    def all_passed(self) -> bool:
+        """BFCL's verdict for the whole task: every turn passed."""
+        return all(self.turn_passed)

@@ -1,0 +1,38 @@
+"""structlog configured once, for every entry point.
+
+Logs are events (JSON lines or a console renderer); metrics are written apart from logs, by the
+run folder. Configuration is explicit and idempotent: entry points call ``configure_logging`` once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+LogFormat = Literal["json", "console"]
+
+
+def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
+    """Configure structlog for the whole process (safe to call more than once)."""
+    if fmt not in ("json", "console"):
+        raise ValueError(f"log format must be 'json' or 'console', got {fmt!r}")
+    numeric_level = logging.getLevelName(level.upper())
+    if not isinstance(numeric_level, int):
+        raise ValueError(f"unknown log level {level!r}")
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
