@@ -71,6 +71,23 @@ class Task:
     def num_turns(self) -> int:
         return len(self.ground_truth)
 
+    def hidden_functions(self, turn: int) -> frozenset[str]:
+        """Functions invisible and uncallable during ``turn``: excluded ones, and missed ones not
+        yet revealed. One V3 data defect is corrected from the data itself: a missed function that
+        the ground truth calls *before* its reveal turn (``multi_turn_miss_func_49`` calls ``tail``
+        at turn 1, revealed at turn 3) cannot be missing, so it is visible from the start."""
+        hidden = set(self.excluded_function)
+        for reveal_turn, names in self.missed_function.items():
+            if reveal_turn <= turn:
+                continue
+            used_before = {
+                call.split("(", 1)[0].strip()
+                for gt_turn in self.ground_truth[:reveal_turn]
+                for call in gt_turn
+            }
+            hidden.update(name for name in names if name not in used_before)
+        return frozenset(hidden)
+
     @property
     def long_context(self) -> bool:
         """BFCL loads long-context scenarios for this category (and only this one)."""
@@ -159,7 +176,9 @@ def load_function_docs() -> Mapping[str, FunctionDoc]:
         for raw in _read_jsonl(_data_dir() / "multi_turn_func_doc" / file_name):
             name = raw["name"]
             if name in docs:
-                raise TaskDataError(f"function {name} documented twice ({docs[name].class_name}, {class_name})")
+                raise TaskDataError(
+                    f"function {name} documented twice ({docs[name].class_name}, {class_name})"
+                )
             docs[name] = FunctionDoc(
                 name=name,
                 class_name=class_name,
@@ -176,6 +195,14 @@ def class_function_docs(class_names: Iterable[str]) -> tuple[FunctionDoc, ...]:
     if unknown:
         raise TaskDataError(f"unknown BFCL classes {sorted(unknown)}")
     return tuple(doc for doc in load_function_docs().values() if doc.class_name in wanted)
+
+
+@functools.cache
+def visible_docs(class_names: tuple[str, ...], hidden: frozenset[str]) -> Mapping[str, FunctionDoc]:
+    """Name -> doc of every function of the classes that is not hidden (cached: episodes share it)."""
+    return MappingProxyType(
+        {doc.name: doc for doc in class_function_docs(class_names) if doc.name not in hidden}
+    )
 
 
 # --- the split --------------------------------------------------------------------------------
@@ -214,13 +241,17 @@ def compute_split(tasks: Mapping[str, Task]) -> Split:
     test: list[str] = []
     validation: list[str] = []
     for category in CATEGORIES:
-        ids = sorted((t.id for t in tasks.values() if t.category == category), key=lambda i: _rank(i, "split"))
+        ids = sorted(
+            (t.id for t in tasks.values() if t.category == category), key=lambda i: _rank(i, "split")
+        )
         if len(ids) < 2 * TRAIN_PER_CATEGORY:
             raise TaskDataError(f"category {category} has {len(ids)} tasks, expected 200")
         category_train = ids[:TRAIN_PER_CATEGORY]
         train.extend(category_train)
         test.extend(ids[TRAIN_PER_CATEGORY:])
-        validation.extend(sorted(category_train, key=lambda i: _rank(i, "validation"))[:VALIDATION_PER_CATEGORY])
+        validation.extend(
+            sorted(category_train, key=lambda i: _rank(i, "validation"))[:VALIDATION_PER_CATEGORY]
+        )
     return Split(train=tuple(train), test=tuple(test), validation=tuple(validation))
 
 

@@ -1,0 +1,147 @@
+"""Chat messages to token ids with the tokenizer's own chat template, incrementally.
+
+An episode's history is token ids, never text: the prompt is rendered once, the model's reply is
+kept exactly as sampled, and every later environment message is tokenized *alone* and appended.
+``ChatTokenizer.append_messages`` finds the ids of only the new messages with the template-delimiter
+method: it renders a fixed short probe conversation that ends with an assistant reply, once, and
+for each append renders ``probe + new messages`` and keeps the text after the probe's end-of-turn
+token. The cost of an append therefore depends on the new messages only, not on the history.
+
+The end-of-turn token (``<|im_end|>`` for ChatML) closes the assistant's reply in the template. A
+reply sampled with that token as its stop token already ends with it; a reply cut off by a length
+cap does not, and ``missing_end_of_turn`` returns the id to insert (a non-sampled, unmasked token)
+before the next messages are appended, so the ids stay what the template would have produced.
+
+Left out: rendering tools into the prompt (the environment writes the system prompt, tools
+included) and any knowledge of a particular model family beyond what its template renders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from envtune.environments.types import Message
+
+_PROBE_REPLY = "ok"
+"""Content of the probe's assistant message; the text after it starts with the end-of-turn token."""
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot be used incrementally (or has no end-of-turn token)."""
+
+
+def _as_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+class ChatTokenizer:
+    """A HF tokenizer with a chat template, used token-in/token-out.
+
+    ``render_prompt`` renders the opening messages; ``append_messages`` returns the ids of new
+    messages plus the next generation prompt, never touching the history.
+    """
+
+    def __init__(self, tokenizer: Any, *, end_of_turn: str | None = None) -> None:
+        """``end_of_turn``: the token that ends an assistant message in the template; found from
+        the template when None (the first token the template writes after an assistant's content)."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise ChatTemplateError("the tokenizer has no chat template")
+        self.tokenizer = tokenizer
+        probe = [
+            Message("system", "s"),
+            Message("user", "u"),
+            Message("assistant", _PROBE_REPLY),
+        ]
+        self._probe = _as_dicts(probe)
+        rendered = self._template(self._probe, add_generation_prompt=False)
+        cut = rendered.rfind(_PROBE_REPLY)
+        if cut < 0:
+            raise ChatTemplateError("the chat template does not render the assistant content verbatim")
+        cut += len(_PROBE_REPLY)
+        after = rendered[cut:]
+        if end_of_turn is None:
+            after_ids = self._encode(after)
+            if not after_ids:
+                raise ChatTemplateError("the chat template writes nothing after an assistant message")
+            end_of_turn = tokenizer.convert_ids_to_tokens(after_ids[0])
+        if not after.startswith(end_of_turn):
+            raise ChatTemplateError(
+                f"end-of-turn {end_of_turn!r} does not follow the assistant content; the template writes "
+                f"{after[:40]!r}"
+            )
+        eot_ids = self._encode(end_of_turn)
+        if len(eot_ids) != 1:
+            raise ChatTemplateError(f"end-of-turn {end_of_turn!r} is not a single token ({eot_ids})")
+        self.end_of_turn: str = end_of_turn
+        """The text of the token that closes an assistant message."""
+        self.end_of_turn_id: int = eot_ids[0]
+        """Its id: the stop token of every generation."""
+        # The probe rendered up to and including the reply's end-of-turn token: every append renders
+        # probe + new messages and keeps what follows this prefix.
+        self._probe_prefix = rendered[: cut + len(end_of_turn)]
+
+    # --- rendering -------------------------------------------------------------------------------
+
+    def _template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        if not isinstance(text, str):
+            raise ChatTemplateError(f"apply_chat_template returned {type(text).__name__}, not text")
+        return text
+
+    def _encode(self, text: str) -> list[int]:
+        # The template already wrote every special token it wants; never add BOS/EOS here.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def render_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """Ids of the opening messages followed by the generation prompt (the episode's prompt)."""
+        if not messages:
+            raise ValueError("render_prompt needs at least one message")
+        return self._encode(self._template(_as_dicts(messages), add_generation_prompt=True))
+
+    def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        """The whole conversation as template text (the re-templating baseline; for tests and benches)."""
+        return self._template(_as_dicts(messages), add_generation_prompt=add_generation_prompt)
+
+    def append_messages(self, messages: Sequence[Message]) -> list[int]:
+        """Ids of ``messages`` as they follow an assistant reply, plus the next generation prompt
+        (with no messages, whatever the template writes between two assistant messages).
+
+        The reply must already end with ``end_of_turn_id`` (see ``missing_end_of_turn``). The text
+        is the template's own (delimiters included); it is tokenized on its own, which is exact
+        because it starts right after a special token, where no BPE merge can cross.
+        """
+        if any(m.role == "assistant" for m in messages):
+            raise ValueError("assistant text is never appended: the model's sampled ids are the reply")
+        full = self._template([*self._probe, *_as_dicts(messages)], add_generation_prompt=True)
+        if not full.startswith(self._probe_prefix):
+            raise ChatTemplateError(
+                "the chat template is not incremental: rendering more messages changed the earlier text"
+            )
+        return self._encode(full[len(self._probe_prefix) :])
+
+    # --- the model's reply -----------------------------------------------------------------------
+
+    def missing_end_of_turn(self, sampled_ids: Sequence[int]) -> tuple[int, ...]:
+        """Ids to insert after a reply before new messages: none when it ended with end-of-turn,
+        the end-of-turn token when it stopped without (length cap, another stop token)."""
+        if sampled_ids and sampled_ids[-1] == self.end_of_turn_id:
+            return ()
+        return (self.end_of_turn_id,)
+
+    def decode_reply(self, sampled_ids: Sequence[int]) -> str:
+        """The reply text the environment parses: the sampled ids minus the closing end-of-turn.
+
+        Special tokens elsewhere are kept, so a reply that emits them is judged as written.
+        """
+        ids = list(sampled_ids)
+        if ids and ids[-1] == self.end_of_turn_id:
+            ids.pop()
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def encode_reply(self, text: str) -> list[int]:
+        """Ids of a reply text followed by end-of-turn: what a model that wrote ``text`` would sample
+        (for scripted engines in tests and benchmarks)."""
+        return [*self._encode(text), self.end_of_turn_id]

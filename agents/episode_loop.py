@@ -1,0 +1,275 @@
+"""One episode, token in and token out: generate, let the environment step, append its answer.
+
+``run_episode`` drives an ``Engine`` and an environment episode through the user turns of a task:
+the prompt is rendered once; each reply is kept exactly as the engine sampled it (ids, behaviour
+logprobs, the policy version that sampled it, loss mask on); the reply's text goes to
+``episode.step``; the environment's messages are tokenized alone and appended (loss mask off). The
+environment decides turn ends, the per-turn step limit, revealed functions and scores; this loop
+only stops early at the length caps of ``AgentConfig`` (marked truncated).
+
+``run_episode_sync`` is the reference loop: the same episode, written top to bottom against a plain
+``generate`` function. Tests check that both produce the same trajectory.
+
+Error boundary: ``EngineError`` from the engine (and an aborted generation, raised as a retryable
+``EngineError``) propagates to the caller, which owns retries and dropping. The caller also owns
+the episode object (creating and closing it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+import structlog
+from envtune.agents.chat_tokens import ChatTokenizer
+from envtune.agents.config import AgentConfig, RewardKind
+from envtune.agents.grammar import ConstraintCache
+from envtune.agents.trajectory import Trajectory
+from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepResult
+from envtune.runtime.engines.base import (
+    Completion,
+    Constraint,
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+)
+
+log = structlog.get_logger(__name__)
+
+NOT_SAMPLED_VERSION = -1
+"""Policy version recorded for prompt and environment tokens."""
+
+
+class EpisodeLike(Protocol):
+    """What the loop needs of an environment episode (``envtune.environments.Episode``)."""
+
+    def start(self) -> tuple[Message, ...]: ...
+
+    def step(self, reply: str) -> StepResult: ...
+
+    def visible_tools(self) -> tuple[FunctionDoc, ...]: ...
+
+    def score(self) -> EpisodeScore: ...
+
+
+def reply_sampling(config: AgentConfig, chat: ChatTokenizer, history_len: int) -> SamplingParams:
+    """Sampling for the next reply: stop at end-of-turn, never past ``max_total_tokens``."""
+    room = config.max_total_tokens - history_len
+    stops = config.sampling.stop_token_ids
+    if chat.end_of_turn_id not in stops:
+        stops = (*stops, chat.end_of_turn_id)
+    max_new_tokens = min(config.sampling.max_new_tokens, room)
+    return replace(config.sampling, max_new_tokens=max_new_tokens, stop_token_ids=stops)
+
+
+def single_completion(completions: Sequence[Completion]) -> Completion:
+    """The one completion of an n=1 request, checked (an engine bug is not a trajectory)."""
+    if len(completions) != 1:
+        raise EngineError(f"expected 1 completion, got {len(completions)}", retryable=False)
+    completion = completions[0]
+    if completion.finish_reason is FinishReason.ABORT:
+        raise EngineError("generation aborted", retryable=True)
+    if len(completion.logprobs) != len(completion.token_ids):
+        raise EngineError(
+            f"{len(completion.token_ids)} tokens but {len(completion.logprobs)} logprobs", retryable=False
+        )
+    return completion
+
+
+def episode_reward(score: EpisodeScore, kind: RewardKind) -> float:
+    """The scalar the stage trains on."""
+    return score.stage1_reward if kind is RewardKind.STAGE1 else score.progress
+
+
+class _TokenBuffer:
+    """The growing trajectory: ids with their mask, behaviour logprobs and policy versions."""
+
+    def __init__(self, prompt_ids: Sequence[int]) -> None:
+        self.ids: list[int] = list(prompt_ids)
+        self.mask: list[bool] = [False] * len(self.ids)
+        self.logprobs: list[float] = [0.0] * len(self.ids)
+        self.versions: list[int] = [NOT_SAMPLED_VERSION] * len(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add_sampled(self, completion: Completion) -> None:
+        n = len(completion.token_ids)
+        self.ids.extend(completion.token_ids)
+        self.mask.extend([True] * n)
+        self.logprobs.extend(completion.logprobs)
+        self.versions.extend([completion.policy_version] * n)
+
+    def add_environment(self, ids: Sequence[int]) -> None:
+        n = len(ids)
+        self.ids.extend(ids)
+        self.mask.extend([False] * n)
+        self.logprobs.extend([0.0] * n)
+        self.versions.extend([NOT_SAMPLED_VERSION] * n)
+
+
+def build_trajectory(
+    *,
+    task_id: str,
+    group_id: str,
+    ids: Sequence[int],
+    mask: Sequence[bool],
+    logprobs: Sequence[float],
+    versions: Sequence[int],
+    score: EpisodeScore,
+    config: AgentConfig,
+    stage: int,
+    start_version: int,
+    truncated: bool,
+) -> Trajectory:
+    """The finished record, rewards taken from the environment's score."""
+    return Trajectory(
+        task_id=task_id,
+        group_id=group_id,
+        token_ids=tuple(ids),
+        loss_mask=tuple(mask),
+        behavior_logprobs=tuple(logprobs),
+        policy_versions=tuple(versions),
+        reward=episode_reward(score, config.reward),
+        progress=score.progress,
+        format_reward=score.format_reward,
+        tool_reward=score.tool_reward,
+        turn_passed=score.turn_passed,
+        step_codes=score.step_codes,
+        stage=stage,
+        start_version=start_version,
+        truncated=truncated,
+    )
+
+
+async def run_episode(
+    engine: Engine,
+    episode: EpisodeLike,
+    chat: ChatTokenizer,
+    config: AgentConfig,
+    *,
+    task_id: str,
+    group_id: str,
+    stage: int = 0,
+    start_version: int = 0,
+    affinity_key: str | None = None,
+    constraints: ConstraintCache | None = None,
+) -> Trajectory:
+    """Play ``episode`` to its end (or a cap) with ``engine``; see the module docstring.
+
+    ``affinity_key`` defaults to ``group_id`` (a group shares its prompt, so one replica's prefix cache
+    serves it). ``constraints`` is a cache shared across episodes; a private one is used when None.
+    """
+    buffer = _TokenBuffer(chat.render_prompt(episode.start()))
+    cache = constraints if constraints is not None else ConstraintCache(max_entries=4)
+    constraint: Constraint | None = cache.get(episode.visible_tools()) if config.constrained else None
+    key = affinity_key if affinity_key is not None else group_id
+    truncated = True  # unless the environment says done
+    for _ in range(config.max_replies):
+        if len(buffer) >= config.max_total_tokens:
+            break
+        request = GenerateRequest(
+            prompt_ids=tuple(buffer.ids),
+            sampling=reply_sampling(config, chat, len(buffer)),
+            constraint=constraint,
+            adapter=config.adapter,
+            affinity_key=key,
+        )
+        completion = single_completion(await engine.generate(request))
+        buffer.add_sampled(completion)
+        result = episode.step(chat.decode_reply(completion.token_ids))
+        if result.done:
+            truncated = False
+            break
+        if result.tools_changed and config.constrained:
+            constraint = cache.get(episode.visible_tools())
+        closing = chat.missing_end_of_turn(completion.token_ids)
+        feedback = [*closing, *chat.append_messages(result.observation)]
+        if len(buffer) + len(feedback) >= config.max_total_tokens:
+            break  # no room left to answer the feedback: the trailing ids would train nothing
+        buffer.add_environment(feedback)
+    score = episode.score()
+    log.debug(
+        "episode_finished",
+        task_id=task_id,
+        group_id=group_id,
+        tokens=len(buffer),
+        model_tokens=sum(buffer.mask),
+        progress=score.progress,
+        truncated=truncated,
+    )
+    return build_trajectory(
+        task_id=task_id,
+        group_id=group_id,
+        ids=buffer.ids,
+        mask=buffer.mask,
+        logprobs=buffer.logprobs,
+        versions=buffer.versions,
+        score=score,
+        config=config,
+        stage=stage,
+        start_version=start_version,
+        truncated=truncated,
+    )
+
+
+def run_episode_sync(
+    generate: Callable[[GenerateRequest], Sequence[Completion]],
+    episode: EpisodeLike,
+    chat: ChatTokenizer,
+    config: AgentConfig,
+    *,
+    task_id: str,
+    group_id: str,
+    stage: int = 0,
+    start_version: int = 0,
+) -> Trajectory:
+    """The reference loop: what ``run_episode`` does, top to bottom, with a blocking ``generate``."""
+    ids = chat.render_prompt(episode.start())
+    mask = [False] * len(ids)
+    logprobs = [0.0] * len(ids)
+    versions = [NOT_SAMPLED_VERSION] * len(ids)
+    cache = ConstraintCache(max_entries=4)
+    truncated = True
+    for _ in range(config.max_replies):
+        if len(ids) >= config.max_total_tokens:
+            break
+        request = GenerateRequest(
+            prompt_ids=tuple(ids),
+            sampling=reply_sampling(config, chat, len(ids)),
+            constraint=cache.get(episode.visible_tools()) if config.constrained else None,
+            adapter=config.adapter,
+            affinity_key=group_id,
+        )
+        reply = single_completion(generate(request))
+        ids += reply.token_ids
+        mask += [True] * len(reply.token_ids)
+        logprobs += reply.logprobs
+        versions += [reply.policy_version] * len(reply.token_ids)
+        result = episode.step(chat.decode_reply(reply.token_ids))
+        if result.done:
+            truncated = False
+            break
+        feedback = [*chat.missing_end_of_turn(reply.token_ids), *chat.append_messages(result.observation)]
+        if len(ids) + len(feedback) >= config.max_total_tokens:
+            break
+        ids += feedback
+        mask += [False] * len(feedback)
+        logprobs += [0.0] * len(feedback)
+        versions += [NOT_SAMPLED_VERSION] * len(feedback)
+    return build_trajectory(
+        task_id=task_id,
+        group_id=group_id,
+        ids=ids,
+        mask=mask,
+        logprobs=logprobs,
+        versions=versions,
+        score=episode.score(),
+        config=config,
+        stage=stage,
+        start_version=start_version,
+        truncated=truncated,
+    )

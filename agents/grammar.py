@@ -1,0 +1,182 @@
+"""The grammar of a well-formed reply, built from the tools visible in a turn.
+
+Constrained decoding (on or off per curriculum stage) lets the engine sample only replies of the
+paper's two formats (paper.md §4.1)::
+
+    <think>free text</think> then either <answer>free text</answer>
+                             or <tool_call>[{"name": <visible name>, "arguments": {...}}, ...]</tool_call>
+
+where each call's arguments follow that function's BFCL schema (types, nested properties, required
+keys, no unknown keys, keys in any order). Free text may not contain ``<`` followed by a letter, ``/``
+or ``<``, so no tag can open inside it: the environment's parser then sees exactly one think block
+and one action block. The grammar is EBNF text as xgrammar prints it (SGLang's ``ebnf`` sampling
+parameter and the embedded engine both compile it with xgrammar); the JSON part is xgrammar's own
+JSON-schema conversion, so escapes and numbers follow JSON exactly.
+
+Left out: semantic checks (a value that type-checks but is wrong is the environment's business), and
+JSON string values that themselves contain tag text (allowed by JSON, refused by the parser; rare).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import xgrammar
+from envtune.environments.types import FunctionDoc
+from envtune.runtime.engines.base import Constraint, ConstraintKind
+
+MAX_CALLS_PER_REPLY = 32
+"""Most calls one ``<tool_call>`` block may hold (the environment's parser refuses more)."""
+
+_BFCL_SCALARS: Mapping[str, str] = {
+    "string": "string",
+    "integer": "integer",
+    "float": "number",
+    "number": "number",
+    "boolean": "boolean",
+}
+
+# Free text: no "<" that could start a tag ("<" followed by a letter, "/" or another "<"), and no "<"
+# right before the closing tag (that "<" would be followed by "<").
+_FREE_TEXT = 'root ::= ([^<] | "<" [^a-zA-Z/<])*'
+_WS = 'root ::= [ \\n\\t]{0,8}'
+"""Whitespace between blocks, bounded so a constrained model cannot pad forever."""
+
+
+class SchemaError(ValueError):
+    """A function doc has a parameter schema this module cannot turn into a grammar."""
+
+
+def bfcl_to_json_schema(schema: Mapping[str, Any], where: str = "parameters") -> dict[str, Any]:
+    """BFCL's parameter schema (``dict``/``float``/``tuple``… types) as JSON Schema.
+
+    Objects get ``additionalProperties: false`` (an unknown argument is an error in the environment);
+    ``float`` becomes ``number`` (an integer literal is a valid float argument); a type BFCL calls
+    ``any`` (or none) allows any JSON value.
+    """
+    kind = schema.get("type")
+    out: dict[str, Any]
+    if kind in _BFCL_SCALARS:
+        out = {"type": _BFCL_SCALARS[kind]}
+    elif kind in ("dict", "object"):
+        properties = schema.get("properties") or {}
+        if not isinstance(properties, Mapping):
+            raise SchemaError(f"{where}: properties must be a mapping")
+        required = [name for name in schema.get("required") or [] if name in properties]
+        out = {
+            "type": "object",
+            "properties": {
+                name: bfcl_to_json_schema(sub, f"{where}.{name}") for name, sub in properties.items()
+            },
+            "required": required,
+            "additionalProperties": False,
+        }
+    elif kind in ("array", "tuple"):
+        items = schema.get("items")
+        out = {"type": "array"}
+        if items:
+            out["items"] = bfcl_to_json_schema(items, f"{where}[]")
+    elif kind in (None, "any"):
+        out = {}
+    else:
+        raise SchemaError(f"{where}: unknown BFCL type {kind!r}")
+    if "enum" in schema:
+        out["enum"] = list(schema["enum"])
+    return out
+
+
+def tool_calls_json_schema(tools: Sequence[FunctionDoc]) -> dict[str, Any]:
+    """JSON Schema of the ``<tool_call>`` body: a non-empty array of calls of the visible tools."""
+    if not tools:
+        raise ValueError("a tool-call grammar needs at least one visible tool")
+    cases = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": doc.name},
+                "arguments": bfcl_to_json_schema(doc.parameters, doc.name),
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for doc in tools
+    ]
+    return {
+        "type": "array",
+        "items": cases[0] if len(cases) == 1 else {"anyOf": cases},
+        "minItems": 1,
+        "maxItems": MAX_CALLS_PER_REPLY,
+    }
+
+
+def reply_grammar(tools: Sequence[FunctionDoc]) -> str:
+    """EBNF (xgrammar dialect) of a whole reply for these visible tools; see the module docstring.
+
+    With no visible tools, only the answer format is allowed.
+    """
+
+    def lit(text: str) -> xgrammar.Grammar:
+        return xgrammar.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
+
+    free, ws = xgrammar.Grammar.from_ebnf(_FREE_TEXT), xgrammar.Grammar.from_ebnf(_WS)
+    think = xgrammar.Grammar.concat(lit("<think>"), free, lit("</think>"))
+    answer = xgrammar.Grammar.concat(lit("<answer>"), free, lit("</answer>"))
+    action = answer
+    if tools:
+        calls = xgrammar.Grammar.from_json_schema(
+            json.dumps(tool_calls_json_schema(tools)), any_whitespace=True, strict_mode=True, any_order=True,
+            max_whitespace_cnt=8,
+        )
+        tool_call = xgrammar.Grammar.concat(lit("<tool_call>"), ws, calls, ws, lit("</tool_call>"))
+        action = xgrammar.Grammar.union(tool_call, answer)
+    return str(xgrammar.Grammar.concat(think, ws, action))
+
+
+def reply_constraint(tools: Sequence[FunctionDoc]) -> Constraint:
+    """The engine constraint for a reply with these visible tools."""
+    return Constraint(kind=ConstraintKind.EBNF, grammar=reply_grammar(tools))
+
+
+def _tools_key(tools: Sequence[FunctionDoc]) -> tuple[tuple[str, ...], str]:
+    # Names alone would do for BFCL (docs never change), but a digest of the docs keeps the cache
+    # honest if two callers ever pass different docs under one name.
+    digest = hashlib.sha256(json.dumps([d.to_json() for d in tools], sort_keys=True).encode()).hexdigest()
+    return tuple(d.name for d in tools), digest
+
+
+class ConstraintCache:
+    """Reply constraints by visible tool set, least recently used dropped past ``max_entries``.
+
+    BFCL has few distinct tool sets (one per class combination, plus revealed functions), so a
+    runtime can share one cache across all its episodes; building one costs milliseconds.
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[tuple[str, ...], str], Constraint] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, tools: Sequence[FunctionDoc]) -> Constraint:
+        """The constraint for ``tools`` (built on first use)."""
+        key = _tools_key(tools)
+        found = self._entries.get(key)
+        if found is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return found
+        self.misses += 1
+        constraint = reply_constraint(tools)
+        self._entries[key] = constraint
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return constraint
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,113 @@
+"""The texts of the interaction protocol (paper.md §4), in envtune's own words.
+
+System prompts for stages 1-2 (basic) and 3-4 (resourceful), the feedback message after a tool
+step, and the notices the environment injects: a forced turn end, revealed functions, a call on a
+turn that must not call, and a format error. Texts only: no state, no decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+
+from envtune.environments.tasks import load_function_docs
+from envtune.environments.types import CallOutcome, FunctionDoc, PromptStyle
+
+_FORMATS = """\
+Reply in exactly one of these two formats, with nothing outside the tags:
+
+Format 1, to call tools:
+<think>your reasoning</think><tool_call>[{"name": "function_name", "arguments": {"arg": "value"}}]</tool_call>
+
+Format 2, to reply to the user:
+<think>your reasoning</think><answer>your final message, clarifying question, or refusal</answer>
+
+Rules:
+- Put every call of a step in one JSON array inside a single <tool_call> block; arguments are JSON values.
+- After a tool step you receive the results and may call again.
+- Use <answer> only when the request is fulfilled, or when you need more information from the user, or
+  must refuse."""
+
+_RESOURCEFUL = """\
+- Be resourceful: before asking the user for a missing value, check whether a function can look it up.
+- Prefer clarity to assumptions: if a required function is not available, or a required parameter is missing
+  and no function can retrieve it, do NOT make a tool call with invented values; ask with <answer>."""
+
+
+def tool_listing(tools: Sequence[FunctionDoc]) -> str:
+    """One JSON line per tool; BFCL's registered docs are immutable, so each is encoded once."""
+    registry = load_function_docs()
+    return "\n".join(
+        _registered_doc_line(doc.name) if registry.get(doc.name) is doc else _doc_line(doc) for doc in tools
+    )
+
+
+def _doc_line(doc: FunctionDoc) -> str:
+    return json.dumps(doc.to_json(), ensure_ascii=False)
+
+
+@functools.cache
+def _registered_doc_line(name: str) -> str:
+    return _doc_line(load_function_docs()[name])
+
+
+def system_prompt(style: PromptStyle, tools: Sequence[FunctionDoc]) -> str:
+    """The system prompt of a stage, with the visible tools as JSON."""
+    tools_json = tool_listing(tools)
+    rules = _FORMATS if style is PromptStyle.BASIC else f"{_FORMATS}\n{_RESOURCEFUL}"
+    return (
+        "You are an expert at composing function calls. You are given a user request and a set of functions. "
+        "Make one or more function calls to fulfil the request. If none of the functions fits, say so and "
+        "refuse. If the request lacks a parameter that a function needs, say so and ask for it.\n\n"
+        f"You can use these functions:\n{tools_json}\n\n{rules}"
+    )
+
+
+def tool_feedback(outcomes: Sequence[CallOutcome]) -> str:
+    """The message after a tool step: one entry per call, results JSON-encoded once."""
+    entries = []
+    for outcome in outcomes:
+        entry: dict[str, str] = {"name": outcome.call.name, "result": outcome.result}
+        if outcome.hint:
+            entry["hint"] = outcome.hint
+        entries.append(entry)
+    return (
+        "Execution results:\n"
+        + json.dumps(entries, ensure_ascii=False)
+        + "\nIf the request is fulfilled, think briefly and summarise the result in <answer></answer>; "
+        "otherwise keep calling functions."
+    )
+
+
+def format_error_message(error: str) -> str:
+    """What the model sees after a reply that broke the format."""
+    return (
+        f"Format error: {error}\nReply with <think>...</think> followed by one <tool_call> or one <answer>."
+    )
+
+
+def forced_turn_end_notice(max_steps: int) -> str:
+    """Shown when a turn is ended because it used its whole step budget."""
+    return (
+        f"[Notice] The previous request used all {max_steps} steps allowed for one turn and was ended "
+        "without a final answer."
+    )
+
+
+def must_not_call_warning() -> str:
+    """Shown when the model called a tool on a turn where a function or parameter was missing."""
+    return (
+        "[Warning] In the previous turn a function or a required parameter was missing, so no call could "
+        "be right: the calls were not executed and the turn was ended. When that happens, ask the user or "
+        "explain with <answer> instead of calling."
+    )
+
+
+def revealed_functions_message(docs: Sequence[FunctionDoc]) -> str:
+    """Injected at the turn that reveals functions that were held out until then."""
+    listing = tool_listing(docs)
+    return (
+        f"These functions are now available as well:\n{listing}\n"
+        "Please try the previous request again with them."
+    )
