@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from envtune.environments.tasks import Task, thaw
+from envtune.environments.tasks import Task
 
 CLASS_MODULES: Mapping[str, str] = {
     "GorillaFileSystem": "gorilla_file_system",
@@ -71,9 +71,7 @@ def build_instances(task: Task) -> dict[str, Any]:
     for class_name in task.involved_classes:
         instance = bfcl_class(class_name)()
         if class_name not in STATELESS_CLASSES:
-            instance._load_scenario(
-                thaw(task.initial_config.get(class_name, {})), long_context=task.long_context
-            )
+            instance._load_scenario(task.fresh_config(class_name), long_context=task.long_context)
         instances[class_name] = instance
     return instances
 

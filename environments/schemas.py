@@ -300,13 +300,13 @@ def validate_call(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> CallIss
     name = doc.name
     properties = _properties(doc)
     arguments: Mapping[Any, Any] = call.arguments if isinstance(call.arguments, Mapping) else {}
-    signature = signature_text(doc)
+    required = _required(doc)
 
     for key in arguments:
         if key not in properties:
             close = closest_functions(str(key), [str(p) for p in properties], limit=1)
             hint = f"Did you mean '{close[0]}'? " if close else ""
-            hint += f"Call it as {signature}." if properties else f"{name}() takes no arguments."
+            hint += f"Call it as {signature_text(doc)}." if properties else f"{name}() takes no arguments."
             return CallIssue(
                 kind=CallIssueKind.UNKNOWN_PARAMETER,
                 function=name,
@@ -315,7 +315,7 @@ def validate_call(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> CallIss
                 hint=hint,
             )
 
-    for parameter in _required(doc):
+    for parameter in required:
         if parameter not in arguments:
             schema = properties.get(parameter)
             expected = type_example(schema) if isinstance(schema, Mapping) else "a value"
@@ -324,7 +324,7 @@ def validate_call(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> CallIss
                 function=name,
                 parameter=parameter,
                 message=f"{name}() missing required argument '{parameter}'",
-                hint=f"Call it as {signature}; '{parameter}' is {expected}.",
+                hint=f"Call it as {signature_text(doc)}; '{parameter}' is {expected}.",
             )
 
     for parameter, schema in properties.items():
@@ -332,7 +332,7 @@ def validate_call(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> CallIss
             continue
         value = arguments[parameter]
         # Leniency: None for a parameter whose documented default is None is what omitting it means.
-        if value is None and parameter not in _required(doc) and schema.get("default") in _NONE_DEFAULTS:
+        if value is None and parameter not in required and schema.get("default") in _NONE_DEFAULTS:
             continue
         found = _mismatch(value, schema, parameter)
         if found is None:
@@ -356,7 +356,7 @@ def validate_call(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> CallIss
                 f"{name}() argument '{found.path}' must be {_type_label(found.schema)}, "
                 f"not {_value_type(found.value)}"
             ),
-            hint=f"Pass {type_example(found.schema)} for '{found.path}'. Call it as {signature}.",
+            hint=f"Pass {type_example(found.schema)} for '{found.path}'. Call it as {signature_text(doc)}.",
         )
     return None
 

@@ -37,6 +37,7 @@ MAX_CALLS_PER_STEP = 64
 MAX_SNIPPET_CHARS = 60
 """How much of an offending piece of text an error message quotes."""
 
+_EXPONENT = re.compile(r"[0-9][eE]")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TAG = re.compile(r"<(/?)(think|tool_call|answer)>")
 _LOOKS_LIKE_TAG = re.compile(r"</?[A-Za-z_][\w-]*>")
@@ -88,8 +89,10 @@ def _check_text(text: str | bytes, what: str) -> str:
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as exc:
-            _fail(f"{what} is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
-                  "encoding")
+            _fail(
+                f"{what} is not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                "encoding",
+            )
     if not isinstance(text, str):
         _fail(f"{what} must be text, got {type(text).__name__}", "type")
     if len(text) > MAX_REPLY_CHARS:
@@ -117,18 +120,25 @@ def _too_many_calls(count: int) -> NoReturn:
     _fail(f"Too many calls in one reply ({count}; the limit is {MAX_CALLS_PER_STEP})", "too_many_calls")
 
 
+def _is_ascii_identifier(name: str) -> bool:
+    """``[A-Za-z_][A-Za-z0-9_]*`` and not a keyword (``isidentifier`` on ASCII text is exactly that)."""
+    return name.isascii() and name.isidentifier() and not keyword.iskeyword(name)
+
+
 def _check_function_name(name: object, where: str) -> str:
     if not isinstance(name, str):
         _fail(f'{where}: "name" must be a string, got {_json_type(name)}', "bad_entry")
     # ASCII only: Python NFKC-normalises identifiers, so a full-width 'ｃｄ' would silently become 'cd'.
-    if not _IDENTIFIER.fullmatch(name) or keyword.iskeyword(name):
-        _fail(f"{where}: {_snippet(name)} is not a valid function name (use the bare name, e.g. 'cd')",
-              "bad_name")
+    if not _is_ascii_identifier(name):
+        _fail(
+            f"{where}: {_snippet(name)} is not a valid function name (use the bare name, e.g. 'cd')",
+            "bad_name",
+        )
     return name
 
 
 def _check_argument_name(key: object, function: str) -> str:
-    if not isinstance(key, str) or not _IDENTIFIER.fullmatch(key) or keyword.iskeyword(key):
+    if not isinstance(key, str) or not _is_ascii_identifier(key):
         _fail(f"argument name {_snippet(str(key))} of {function}() is not a valid parameter name", "bad_name")
     return key
 
@@ -160,6 +170,9 @@ def parse_reply(text: str | bytes, *, require_think: bool = True) -> ParsedReply
     a single well-formed pair. The think block must come before the tool call or answer.
     """
     text = _check_text(text, "The reply")
+    fast = _fast_parse(text)
+    if fast is not None:
+        return fast
     opens: dict[str, list[re.Match[str]]] = {"think": [], "tool_call": [], "answer": []}
     closes: dict[str, list[re.Match[str]]] = {"think": [], "tool_call": [], "answer": []}
     for match in _TAG.finditer(text):
@@ -169,11 +182,15 @@ def parse_reply(text: str | bytes, *, require_think: bool = True) -> ParsedReply
     n_open, n_close = len(opens["think"]), len(closes["think"])
     if n_open == 0 and n_close == 0:
         if require_think:
-            _fail("Missing <think></think> tags: start the reply with <think>your reasoning</think>",
-                  "missing_tag")
+            _fail(
+                "Missing <think></think> tags: start the reply with <think>your reasoning</think>",
+                "missing_tag",
+            )
     elif n_open > 1 or n_close > 1:
-        _fail(f"Found {max(n_open, n_close)} <think> tags; exactly one <think></think> pair is required",
-              "duplicate_tag")
+        _fail(
+            f"Found {max(n_open, n_close)} <think> tags; exactly one <think></think> pair is required",
+            "duplicate_tag",
+        )
     elif n_open == 0:
         _fail("Missing <think> opening tag (found </think> without <think>)", "missing_tag")
     elif n_close == 0:
@@ -197,8 +214,11 @@ def parse_reply(text: str | bytes, *, require_think: bool = True) -> ParsedReply
     if has_call and has_answer:
         _fail("Use either <tool_call> or <answer> in one reply, not both", "both_tags")
     if not has_call and not has_answer:
-        _fail("Missing <tool_call></tool_call> or <answer></answer> tags: after </think>, either call tools "
-              "or answer", "missing_tag")
+        _fail(
+            "Missing <tool_call></tool_call> or <answer></answer> tags: after </think>, either call tools "
+            "or answer",
+            "missing_tag",
+        )
     kind: Literal["tool_call", "answer"] = "tool_call" if has_call else "answer"
 
     blocks: list[tuple[str, re.Match[str], re.Match[str]]] = []
@@ -230,15 +250,43 @@ def parse_reply(text: str | bytes, *, require_think: bool = True) -> ParsedReply
     return ParsedReply(kind="tool_call", think=think, calls=parse_json_calls(body), answer=None)
 
 
+def _fast_parse(text: str) -> ParsedReply | None:
+    """The common, well-formed reply with plain string operations; None sends it to the full checks.
+
+    Accepts exactly: optional whitespace, ``<think>…</think>``, whitespace, one ``<tool_call>…</tool_call>``
+    or ``<answer>…</answer>``, whitespace, and no other of the three tags anywhere (four tags in all).
+    """
+    stripped = text.strip()
+    if not stripped.startswith("<think>") or len(_TAG.findall(stripped)) != 4:
+        return None
+    think_end = stripped.find("</think>")
+    if think_end < 0:
+        return None
+    rest = stripped[think_end + len("</think>") :].lstrip()
+    think = stripped[len("<think>") : think_end].strip()
+    if rest.startswith("<tool_call>") and rest.endswith("</tool_call>"):
+        body = rest[len("<tool_call>") : -len("</tool_call>")]
+        return ParsedReply(kind="tool_call", think=think, calls=parse_json_calls(body), answer=None)
+    if rest.startswith("<answer>") and rest.endswith("</answer>"):
+        return ParsedReply(
+            kind="answer", think=think, calls=(), answer=rest[len("<answer>") : -len("</answer>")].strip()
+        )
+    return None
+
+
 def _check_outside(segment: str) -> None:
     if not segment.strip():
         return
     tag = _LOOKS_LIKE_TAG.search(segment)
     if tag:
-        _fail(f"Unknown tag {tag.group(0)!r}; only <think>, <tool_call> and <answer> are allowed",
-              "stray_text")
-    _fail(f"Found text outside the tags: {_snippet(segment)}; everything must be inside <think>, "
-          "<tool_call> or <answer>", "stray_text")
+        _fail(
+            f"Unknown tag {tag.group(0)!r}; only <think>, <tool_call> and <answer> are allowed", "stray_text"
+        )
+    _fail(
+        f"Found text outside the tags: {_snippet(segment)}; everything must be inside <think>, "
+        "<tool_call> or <answer>",
+        "stray_text",
+    )
 
 
 # --- the JSON form -------------------------------------------------------------------------------
@@ -261,11 +309,11 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            _fail(f"Invalid JSON inside <tool_call>: duplicate key {key!r} in an object", "invalid_json")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        _fail(f"Invalid JSON inside <tool_call>: duplicate key {duplicate!r} in an object", "invalid_json")
     return result
 
 
@@ -296,78 +344,100 @@ def parse_json_calls(body: str) -> tuple[ToolCall, ...]:
     body = _check_text(body, "The <tool_call> body")
     if not body.strip():
         _fail("The <tool_call> block is empty; write a JSON list of calls", "no_calls")
-    if _json_depth(body) > MAX_NESTING_DEPTH:
+    # Counting brackets bounds the depth from above in C; the exact (regex) depth only when it could matter.
+    if body.count("[") + body.count("{") > MAX_NESTING_DEPTH and _json_depth(body) > MAX_NESTING_DEPTH:
         _fail(f"The <tool_call> JSON nests deeper than {MAX_NESTING_DEPTH} levels", "too_deep")
     try:
         decoded = json.loads(body, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as exc:
-        _fail(f"Invalid JSON inside <tool_call>: {exc.msg} at line {exc.lineno} column {exc.colno} "
-              f"(char {exc.pos})", "invalid_json")
+        _fail(
+            f"Invalid JSON inside <tool_call>: {exc.msg} at line {exc.lineno} column {exc.colno} "
+            f"(char {exc.pos})",
+            "invalid_json",
+        )
     except (ValueError, RecursionError, MemoryError) as exc:  # huge integers, pathological input
         if isinstance(exc, FormatError):
             raise
-        _fail(f"Invalid JSON inside <tool_call>: {type(exc).__name__}: {str(exc)[:MAX_SNIPPET_CHARS]}",
-              "invalid_json")
+        _fail(
+            f"Invalid JSON inside <tool_call>: {type(exc).__name__}: {str(exc)[:MAX_SNIPPET_CHARS]}",
+            "invalid_json",
+        )
     entries = [decoded] if isinstance(decoded, dict) else decoded
     if not isinstance(entries, list):
-        _fail('The <tool_call> body must be a JSON list of calls like [{"name": "...", "arguments": {}}], '
-              f"got {_json_type(decoded)}", "bad_shape")
+        _fail(
+            'The <tool_call> body must be a JSON list of calls like [{"name": "...", "arguments": {}}], '
+            f"got {_json_type(decoded)}",
+            "bad_shape",
+        )
     if not entries:
-        _fail("The <tool_call> list is empty: no calls. Call at least one function or use <answer>",
-              "no_calls")
+        _fail(
+            "The <tool_call> list is empty: no calls. Call at least one function or use <answer>", "no_calls"
+        )
     if len(entries) > MAX_CALLS_PER_STEP:
         _too_many_calls(len(entries))
+    # Decoded strings can only hold NUL or lone surrogates through a \u escape, and a float can only
+    # overflow to inf through an exponent: without either in the text, the walk can find nothing.
+    needs_value_walk = "\\u" in body or _EXPONENT.search(body) is not None
     calls = []
     for index, entry in enumerate(entries):
         where = f"Call #{index + 1} in <tool_call>"
         if not isinstance(entry, dict):
-            _fail(f'{where} must be an object {{"name": ..., "arguments": {{...}}}}, got {_json_type(entry)}',
-                  "bad_entry")
+            _fail(
+                f'{where} must be an object {{"name": ..., "arguments": {{...}}}}, got {_json_type(entry)}',
+                "bad_entry",
+            )
         if "name" not in entry:
             _fail(f'{where} has no "name"', "bad_entry")
         extra = sorted(set(entry) - _ENTRY_KEYS)
         if extra:
-            _fail(f'{where} has unexpected key {extra[0]!r}; a call has only "name" and "arguments"',
-                  "bad_entry")
+            _fail(
+                f'{where} has unexpected key {extra[0]!r}; a call has only "name" and "arguments"',
+                "bad_entry",
+            )
         name = _check_function_name(entry["name"], where)
         arguments = entry.get("arguments", {})
         if not isinstance(arguments, dict):
-            _fail(f'{where} ({name}): "arguments" must be a JSON object, got {_json_type(arguments)}',
-                  "bad_entry")
+            _fail(
+                f'{where} ({name}): "arguments" must be a JSON object, got {_json_type(arguments)}',
+                "bad_entry",
+            )
         for key, value in arguments.items():
             _check_argument_name(key, name)
-            _check_json_value(value, f"argument {key!r} of {name}()")
+            if needs_value_walk:
+                _check_json_value(value, f"argument {key!r} of {name}()")
         calls.append(ToolCall(name=name, arguments=dict(arguments)))
     return tuple(calls)
 
 
 # --- BFCL's pythonic form ------------------------------------------------------------------------
 
-_CONSTRUCTS: Mapping[type[ast.AST], str] = MappingProxyType({
-    ast.Constant: "a constant",
-    ast.Name: "a variable name",
-    ast.Attribute: "attribute access",
-    ast.Call: "a function call",
-    ast.Lambda: "a lambda",
-    ast.ListComp: "a comprehension",
-    ast.SetComp: "a comprehension",
-    ast.DictComp: "a comprehension",
-    ast.GeneratorExp: "a generator expression",
-    ast.BinOp: "an operator expression",
-    ast.BoolOp: "a boolean expression",
-    ast.Compare: "a comparison",
-    ast.UnaryOp: "a unary operator",
-    ast.Subscript: "a subscript",
-    ast.JoinedStr: "an f-string",
-    ast.Starred: "a starred expression",
-    ast.Set: "a set literal",
-    ast.IfExp: "a conditional expression",
-    ast.NamedExpr: "an assignment expression",
-    ast.Await: "an await expression",
-    ast.Yield: "a yield expression",
-    ast.YieldFrom: "a yield expression",
-    ast.Slice: "a slice",
-})
+_CONSTRUCTS: Mapping[type[ast.AST], str] = MappingProxyType(
+    {
+        ast.Constant: "a constant",
+        ast.Name: "a variable name",
+        ast.Attribute: "attribute access",
+        ast.Call: "a function call",
+        ast.Lambda: "a lambda",
+        ast.ListComp: "a comprehension",
+        ast.SetComp: "a comprehension",
+        ast.DictComp: "a comprehension",
+        ast.GeneratorExp: "a generator expression",
+        ast.BinOp: "an operator expression",
+        ast.BoolOp: "a boolean expression",
+        ast.Compare: "a comparison",
+        ast.UnaryOp: "a unary operator",
+        ast.Subscript: "a subscript",
+        ast.JoinedStr: "an f-string",
+        ast.Starred: "a starred expression",
+        ast.Set: "a set literal",
+        ast.IfExp: "a conditional expression",
+        ast.NamedExpr: "an assignment expression",
+        ast.Await: "an await expression",
+        ast.Yield: "a yield expression",
+        ast.YieldFrom: "a yield expression",
+        ast.Slice: "a slice",
+    }
+)
 
 
 class _LiteralReader:
@@ -412,8 +482,11 @@ class _LiteralReader:
             _fail(f"The called function must be a plain name, not {self.describe(node.func)}", "bad_name")
         name = node.func.id
         if not self.written_as(name, node.func):
-            _fail(f"{_snippet(ast.get_source_segment(self.source, node.func) or name)} is not a valid "
-                  "function name (ASCII letters, digits and _ only)", "bad_name")
+            _fail(
+                f"{_snippet(ast.get_source_segment(self.source, node.func) or name)} is not a valid "
+                "function name (ASCII letters, digits and _ only)",
+                "bad_name",
+            )
         _check_function_name(name, "The call")
         for value in node.args:
             if isinstance(value, ast.Starred):
@@ -422,11 +495,16 @@ class _LiteralReader:
         if node.args:
             names = self.positional_names.get(name) if self.positional_names is not None else None
             if names is None:
-                _fail(f"{name}() got positional arguments but its parameter names are unknown; "
-                      "use keyword arguments like name=value", "positional")
+                _fail(
+                    f"{name}() got positional arguments but its parameter names are unknown; "
+                    "use keyword arguments like name=value",
+                    "positional",
+                )
             if len(node.args) > len(names):
-                _fail(f"{name}() takes at most {len(names)} positional arguments ({len(node.args)} given)",
-                      "positional")
+                _fail(
+                    f"{name}() takes at most {len(names)} positional arguments ({len(node.args)} given)",
+                    "positional",
+                )
             for parameter, value in zip(names, node.args, strict=False):
                 arguments[parameter] = self.literal(value, depth + 1, f"argument {parameter!r} of {name}()")
         for kw in node.keywords:
@@ -434,8 +512,11 @@ class _LiteralReader:
                 _fail(f"{name}() arguments must be literals, not **kwargs unpacking", "not_literal")
             key = _check_argument_name(kw.arg, name)
             if not self.written_as(key, kw):
-                _fail(f"an argument name of {name}() is not a valid parameter name (ASCII letters, digits "
-                      "and _ only)", "bad_name")
+                _fail(
+                    f"an argument name of {name}() is not a valid parameter name (ASCII letters, digits "
+                    "and _ only)",
+                    "bad_name",
+                )
             if key in arguments:
                 _fail(f"{name}() got multiple values for argument {key!r}", "positional")
             arguments[key] = self.literal(kw.value, depth + 1, f"argument {key!r} of {name}()")
@@ -465,8 +546,11 @@ class _LiteralReader:
                     _fail(f"{where}: dictionary keys must be strings, got {_json_type(key)}", "not_literal")
                 result[key] = self.literal(value_node, depth + 1, where)
             return result
-        _fail(f"{where} must be a literal (string, number, True/False/None, list or dict), not "
-              f"{self.describe(node)}", "not_literal")
+        _fail(
+            f"{where} must be a literal (string, number, True/False/None, list or dict), not "
+            f"{self.describe(node)}",
+            "not_literal",
+        )
 
     def constant(self, value: object, node: ast.expr, where: str) -> Any:
         if value is None or isinstance(value, bool | int):
@@ -478,8 +562,11 @@ class _LiteralReader:
         if isinstance(value, str):
             _check_string_value(value, where)
             return value
-        _fail(f"{where} must be a string, number, True/False/None, list or dict, not {type(value).__name__} "
-              f"({_snippet(ast.get_source_segment(self.source, node) or '')})", "not_literal")
+        _fail(
+            f"{where} must be a string, number, True/False/None, list or dict, not {type(value).__name__} "
+            f"({_snippet(ast.get_source_segment(self.source, node) or '')})",
+            "not_literal",
+        )
 
 
 def parse_pythonic_calls(
@@ -499,8 +586,10 @@ def parse_pythonic_calls(
     except SyntaxError as exc:
         _fail(f"Invalid call syntax: {exc.msg} (line {exc.lineno}, column {exc.offset})", "invalid_syntax")
     except (ValueError, RecursionError, MemoryError) as exc:  # too-long ints, too-deep expressions
-        _fail(f"Invalid call syntax: {type(exc).__name__} {str(exc)[:MAX_SNIPPET_CHARS]}".rstrip(),
-              "invalid_syntax")
+        _fail(
+            f"Invalid call syntax: {type(exc).__name__} {str(exc)[:MAX_SNIPPET_CHARS]}".rstrip(),
+            "invalid_syntax",
+        )
     return _LiteralReader(source, positional_names).calls(tree.body)
 
 
