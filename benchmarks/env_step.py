@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         "scoring_ratio": round(best_env[1] / best_ref[1], 3),
     }
     f = figures
-    print(f"steps: envtune {f['steps_per_s']}/s, reference {f['baseline_steps_per_s']}/s (x{f['step_ratio']})")
+    print(f"steps: ours {f['steps_per_s']}/s, reference {f['baseline_steps_per_s']}/s, x{f['step_ratio']}")
     print(
         f"turn scoring: envtune {f['scoring_per_s']}/s vs reference {f['baseline_scoring_per_s']}/s "
         f"(x{f['scoring_ratio']}); ground-truth trace, once per task: {f['gt_trace_ms_per_task']} ms"
