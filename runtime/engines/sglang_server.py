@@ -1,0 +1,484 @@
+"""The embedded engine served over HTTP with SGLang's native endpoints and JSON shapes.
+
+So the SGLang client is exercised over real HTTP in tests and in the CPU default run, and any SGLang
+client can point at envtune's CPU engine. Request bodies are validated by envtune's own code
+(``sglang_protocol.py``) against SGLang 0.5.23's HTTP contract: what SGLang's contract decoder
+refuses is HTTP 400 ``{"error": "..."}`` with SGLang's wording.
+
+Endpoints: ``/generate`` (``stream`` SSE too), ``/health``, ``/health_generate``, ``/model_info``
+(``/get_model_info``), ``/server_info`` (``/get_server_info``), ``/load_lora_adapter``,
+``/unload_lora_adapter``, ``/update_weights_from_disk``, ``/flush_cache``. With an API key, every
+endpoint but the health checks wants ``Authorization: Bearer KEY``.
+
+``meta_info.weight_version`` is the policy version that produced each response (as a string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from envtune.runtime.engines.base import (
+    Completion,
+    EngineError,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+)
+from envtune.runtime.engines.embedded import EmbeddedEngine, EmbeddedEngineConfig
+from envtune.runtime.engines.sglang_protocol import (
+    ContractError,
+    ParsedGenerate,
+    expect_bool,
+    expect_map,
+    expect_str,
+    parse_generate,
+)
+
+log = structlog.get_logger(__name__)
+
+SERVER_VERSION = "envtune-embedded-0.1 (SGLang 0.5.23 HTTP contract)"
+"""What ``/server_info`` reports as ``version``."""
+
+# --- the server ------------------------------------------------------------------------------
+
+
+def _finish_json(completion: Completion, sampling: SamplingParams) -> dict[str, Any]:
+    match completion.finish_reason:
+        case FinishReason.STOP:
+            return {"type": "stop", "matched": completion.token_ids[-1]}
+        case FinishReason.LENGTH:
+            return {"type": "length", "length": sampling.max_new_tokens}
+        case _:
+            return {"type": "abort", "message": "generation aborted"}
+
+
+class SGLangProtocolServer:
+    """An aiohttp application serving an ``EmbeddedEngine`` with SGLang's HTTP API."""
+
+    def __init__(
+        self,
+        engine: EmbeddedEngine,
+        *,
+        api_key: str | None = None,
+        served_model_name: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.api_key = api_key
+        self.served_model_name = served_model_name or str(engine.model_path)
+        self.app = web.Application(middlewares=[self._auth_middleware], client_max_size=64 * 1024 * 1024)
+        routes = [
+            web.post("/generate", self._generate),
+            web.put("/generate", self._generate),
+            web.get("/health", self._health),
+            web.get("/health_generate", self._health_generate),
+            web.get("/model_info", self._model_info),
+            web.get("/get_model_info", self._model_info),
+            web.get("/server_info", self._server_info),
+            web.get("/get_server_info", self._server_info),
+            web.post("/load_lora_adapter", self._load_lora_adapter),
+            web.post("/unload_lora_adapter", self._unload_lora_adapter),
+            web.post("/update_weights_from_disk", self._update_weights_from_disk),
+            web.get("/flush_cache", self._flush_cache),
+            web.post("/flush_cache", self._flush_cache),
+        ]
+        self.app.add_routes(routes)
+        self._runner: web.AppRunner | None = None
+        self.host = ""
+        self.port = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen (port 0 picks a free one); returns the base URL."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        self.host, self.port = host, int(self._runner.addresses[0][1])
+        log.info("sglang_protocol_server_started", url=self.url)
+        return self.url
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:30000``."""
+        return f"http://{self.host}:{self.port}"
+
+    async def close(self) -> None:
+        """Stop listening (the engine is the caller's to close)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> SGLangProtocolServer:
+        if self._runner is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- middleware and helpers ---------------------------------------------------------------
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if (
+            self.api_key
+            and request.path not in ("/health", "/health_generate")
+            and request.headers.get("Authorization", "") != f"Bearer {self.api_key}"
+        ):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ContractError(f"request body is not valid JSON: {exc}") from exc
+
+    def _decode(self, token_ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def _response_item(
+        self,
+        parsed: ParsedGenerate,
+        prompt_index: int,
+        sample_index: int,
+        completion: Completion | None,
+        token_ids: Sequence[int],
+        logprobs: Sequence[float],
+        started: float,
+    ) -> dict[str, Any]:
+        sampling = parsed.sampling[prompt_index]
+        text_ids = list(token_ids)
+        if (
+            completion is not None
+            and completion.finish_reason is FinishReason.STOP
+            and not sampling.no_stop_trim
+            and text_ids
+        ):
+            text_ids = text_ids[:-1]  # SGLang trims the matched stop token from the text
+        n = sampling.params.n
+        meta: dict[str, Any] = {
+            "id": parsed.rids[prompt_index] if n == 1 else f"{parsed.rids[prompt_index]}-{sample_index}",
+            "finish_reason": None if completion is None else _finish_json(completion, sampling.params),
+            "prompt_tokens": len(parsed.prompts[prompt_index]),
+            "completion_tokens": len(token_ids),
+            "cached_tokens": 0 if completion is None else completion.cached_tokens,
+            "weight_version": str(
+                completion.policy_version if completion is not None else self.engine.policy_version
+            ),
+            "e2e_latency": time.perf_counter() - started,
+        }
+        if parsed.return_logprob:
+            meta["output_token_logprobs"] = [
+                [lp, tok, self._decode([tok], False) if parsed.return_text_in_logprobs else None]
+                for lp, tok in zip(logprobs, token_ids, strict=True)
+            ]
+        item: dict[str, Any] = {
+            "text": self._decode(text_ids, sampling.skip_special_tokens),
+            "output_ids": list(token_ids),
+            "meta_info": meta,
+        }
+        if len(parsed.prompts) > 1 or n > 1:
+            item["index"] = prompt_index * n + sample_index
+        if parsed.return_prompt_token_ids:
+            item["prompt_token_ids"] = list(parsed.prompts[prompt_index])
+        return item
+
+    def _engine_request(self, parsed: ParsedGenerate, index: int) -> GenerateRequest:
+        sampling = parsed.sampling[index]
+        return GenerateRequest(
+            prompt_ids=parsed.prompts[index],
+            sampling=sampling.params,
+            constraint=sampling.constraint,
+            adapter=parsed.adapters[index],
+            affinity_key=parsed.routing_key,
+        )
+
+    @staticmethod
+    def _engine_error(exc: EngineError) -> web.Response:
+        return web.json_response({"error": {"message": str(exc)}}, status=503 if exc.retryable else 400)
+
+    # --- /generate -------------------------------------------------------------------------------
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            parsed = parse_generate(await self._json_body(request), self.engine.tokenizer.encode)
+        except ContractError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if parsed.stream:
+            return await self._generate_stream(request, parsed, started)
+        failure: list[EngineError] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self.engine.generate(self._engine_request(parsed, i)))
+                    for i in range(len(parsed.prompts))
+                ]
+        except* EngineError as group_error:
+            failure.extend(group_error.exceptions)  # type: ignore[arg-type]
+        if failure:
+            return self._engine_error(failure[0])
+        items = [
+            self._response_item(parsed, i, j, completion, completion.token_ids, completion.logprobs, started)
+            for i, task in enumerate(tasks)
+            for j, completion in enumerate(task.result())
+        ]
+        if len(items) == 1 and not parsed.batched:
+            return web.json_response(items[0])
+        return web.json_response(items)
+
+    async def _generate_stream(
+        self, request: web.Request, parsed: ParsedGenerate, started: float
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=1024)
+
+        async def pump(prompt_index: int) -> None:
+            async for event in self.engine.generate_stream(self._engine_request(parsed, prompt_index)):
+                await queue.put((prompt_index, event))
+
+        async def write(payload: dict[str, Any]) -> None:
+            await response.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+        tokens: dict[tuple[int, int], list[int]] = {}
+        logprobs: dict[tuple[int, int], list[float]] = {}
+        expected = sum(sampling.params.n for sampling in parsed.sampling)
+        finished = 0
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i in range(len(parsed.prompts)):
+                    group.create_task(pump(i))
+                while finished < expected:
+                    prompt_index, event = await queue.get()
+                    key = (prompt_index, event.index)
+                    tokens.setdefault(key, []).append(event.token_id)
+                    logprobs.setdefault(key, []).append(event.logprob)
+                    finished += event.completion is not None
+                    await write(
+                        self._response_item(
+                            parsed,
+                            prompt_index,
+                            event.index,
+                            event.completion,
+                            tokens[key],
+                            logprobs[key],
+                            started,
+                        )
+                    )
+        except* EngineError as group_error:
+            error = group_error.exceptions[0]
+            await write({"error": {"message": str(error), "code": 503 if error.retryable else 400}})  # type: ignore[attr-defined]
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    # --- health and info ----------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _health_generate(self, request: web.Request) -> web.Response:
+        probe = GenerateRequest(prompt_ids=(0,), sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
+        try:
+            await asyncio.wait_for(self.engine.generate(probe), timeout=20)
+        except (EngineError, TimeoutError):
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        config = self.engine.model_config
+        return web.json_response(
+            {
+                "model_path": str(self.engine.model_path),
+                "served_model_name": self.served_model_name,
+                "tokenizer_path": str(self.engine.model_path),
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": str(self.engine.policy_version),
+                "load_format": None,
+                "reasoning_parser": None,
+                "tool_call_parser": None,
+                "model_type": getattr(config, "model_type", None),
+                "architectures": getattr(config, "architectures", None),
+            }
+        )
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        stats = self.engine.statistics()
+        return web.json_response(
+            {
+                "model_path": str(self.engine.model_path),
+                "served_model_name": self.served_model_name,
+                "tokenizer_path": str(self.engine.model_path),
+                "max_context_length": self.engine.max_context,
+                "version": SERVER_VERSION,
+                "internal_states": [
+                    {
+                        "pending_jobs": stats.pending_jobs,
+                        "active_rows": stats.active_rows,
+                        "peak_rows": stats.peak_rows,
+                        "tokens_generated": stats.tokens_generated,
+                        "loaded_adapters": self.engine.adapters(),
+                    }
+                ],
+                "host": self.host,
+                "port": self.port,
+                "max_batch_rows": self.engine.config.max_batch_rows,
+            }
+        )
+
+    # --- weights ---------------------------------------------------------------------------------
+
+    def _lora_response(self, success: bool, error: str | None) -> web.Response:
+        return web.json_response(
+            {
+                "success": success,
+                "error_message": error,
+                "loaded_adapters": dict(self.engine.adapter_paths()),
+            },
+            status=200 if success else 400,
+        )
+
+    async def _load_lora_adapter(self, request: web.Request) -> web.Response:
+        try:
+            body = expect_map(await self._json_body(request), "struct LoadLoRAAdapterReqInput")
+            name, path = expect_str(body.get("lora_name")), expect_str(body.get("lora_path"))
+            if body.get("pinned") is not None:
+                expect_bool(body["pinned"])
+        except ContractError as exc:
+            return self._lora_response(False, str(exc))
+        try:
+            await self.engine.load_adapter(name, path)
+        except EngineError as exc:
+            return self._lora_response(False, str(exc))
+        return self._lora_response(True, None)
+
+    async def _unload_lora_adapter(self, request: web.Request) -> web.Response:
+        try:
+            body = expect_map(await self._json_body(request), "struct UnloadLoRAAdapterReqInput")
+            name = expect_str(body.get("lora_name"))
+        except ContractError as exc:
+            return self._lora_response(False, str(exc))
+        try:
+            await self.engine.unload_adapter(name)
+        except EngineError as exc:
+            return self._lora_response(False, str(exc))
+        return self._lora_response(True, None)
+
+    async def _update_weights_from_disk(self, request: web.Request) -> web.Response:
+        def failure(message: str) -> web.Response:
+            return web.json_response(
+                {"success": False, "message": message, "num_paused_requests": 0}, status=400
+            )
+
+        try:
+            body = expect_map(await self._json_body(request), "struct UpdateWeightFromDiskReqInput")
+            path = expect_str(body.get("model_path"))
+            raw_version = body.get("weight_version")
+            version = None if raw_version is None else expect_str(raw_version)
+        except ContractError as exc:
+            return failure(str(exc))
+        if version is not None and not version.isdigit():
+            return failure(f"envtune's engine uses integer weight versions, got {version!r}")
+        try:
+            new_version = await self.engine.update_weights_from_disk(
+                path, version=None if version is None else int(version)
+            )
+        except EngineError as exc:
+            return failure(str(exc))
+        return web.json_response(
+            {
+                "success": True,
+                "message": f"Succeeded to update model weights (version {new_version}).",
+                "num_paused_requests": 0,
+            }
+        )
+
+    async def _flush_cache(self, request: web.Request) -> web.Response:
+        await self.engine.flush_cache()
+        return web.Response(text="Cache flushed.\n", status=200)
+
+
+# --- the console script ----------------------------------------------------------------------
+
+
+def _parse_adapter(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter wants NAME=PATH, got {spec!r}")
+    return name, path
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """``envtune-serve``'s command line."""
+    parser = argparse.ArgumentParser(
+        prog="envtune-serve",
+        description="Serve a model with SGLang's native HTTP API (CPU, or CUDA when present).",
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="model folder (default: the tiny local model)"
+    )
+    parser.add_argument(
+        "--adapter",
+        type=_parse_adapter,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapter",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    parser.add_argument("--max-batch-rows", type=int, default=16)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--log-format", choices=("console", "json"), default="console")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    engine = await EmbeddedEngine.open(
+        EmbeddedEngineConfig(model_path=args.model, device=args.device, max_batch_rows=args.max_batch_rows)
+    )
+    try:
+        for name, path in args.adapter:
+            await engine.load_adapter(name, path)
+        server = SGLangProtocolServer(engine, api_key=args.api_key)
+        await server.start(args.host, args.port)
+        print(f"envtune-serve listening on {server.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+    finally:
+        await engine.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``envtune-serve``."""
+    from envtune.runtime.logs import configure_logging
+
+    args = build_arg_parser().parse_args(argv)
+    configure_logging(args.log_format)
+    asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()
