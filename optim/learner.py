@@ -1,0 +1,444 @@
+"""The LoRA learner: one synchronous ``step`` from a batch of trajectories to updated weights.
+
+Order of a step (cleanrl-style, top to bottom in ``Learner.step``):
+
+1. group-normalised advantages (zero-variance groups kept or dropped, counted);
+2. the batch is split into ``updates_per_step`` mini-batches, each into micro-batches of at most
+   ``micro_batch_tokens`` computed positions (packed by default);
+3. proximal logprobs = the weights when the batch is taken. With one update per batch they equal
+   the training pass's own logprobs, detached (same weights, same ops), so no extra forward pass is
+   spent; with several updates they are computed up front without grad;
+4. per micro-batch: forward with grad, reference logprobs with the adapter disabled (when the KL
+   is on), loss normalised by the mini-batch's loss-token count, backward (gradients accumulate);
+5. gradient clipping, AdamW step, policy version + 1.
+
+``step`` holds a lock, so the runtime may call it from a worker thread while other threads read
+``policy_version`` or save the adapter. Deliberately left out: the actor and the queue (runtime),
+publishing weights to engines (``weight_sync.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from envtune.agents.trajectory import Trajectory
+
+from .advantages import AdvantageConfig, group_advantages
+from .lora import LoraSettings, adapter_state, attach_lora, load_adapter_state, reference_mode, save_adapter
+from .lora import trainable_parameters as lora_parameters
+from .losses import LossConfig, LossStats, policy_loss
+from .packing import (
+    Batching,
+    ModelBatch,
+    build_batch,
+    enable_packed_attention,
+    plan_microbatches,
+    token_logprobs,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerConfig:
+    """Optimisation settings of the learner."""
+
+    lr: float = 1e-6
+    """AdamW learning rate (paper: 1e-6, constant, no warm-up). Tiny CPU models need far more."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (verl's default)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (paper: 1.0); ``math.inf`` disables clipping."""
+    micro_batch_tokens: int = 8192
+    """Budget of computed positions per forward/backward (padding included in padded mode)."""
+    updates_per_step: int = 1
+    """Optimizer updates per batch (mini-batches). 1 reproduces the paper (the PPO clip is then inert
+    against the proximal policy, but the behaviour weight still corrects staleness)."""
+    batching: Batching = Batching.PACKED
+    """Packed (padding-free) or padded micro-batches."""
+    temperature: float = 1.0
+    """Sampling temperature the behaviour logprobs were taken at; logits are divided by it."""
+    autocast_dtype: str | None = None
+    """E.g. "bfloat16" to run forwards under CUDA autocast; None runs in the model's dtype."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss hyper-parameters."""
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """Advantage normalisation."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapter shape (used only when the model is not already a peft model)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.micro_batch_tokens < 1 or self.updates_per_step < 1:
+            raise ValueError("micro_batch_tokens and updates_per_step must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (greedy samples have no logprobs to train on)")
+
+
+@dataclass(frozen=True, slots=True)
+class StepMetrics:
+    """What one learner step did (means are over loss tokens unless named otherwise)."""
+
+    updated: bool
+    """False when nothing was trainable (all dropped or empty) or the gradient was not finite."""
+    policy_version: int
+    """Policy version after the step."""
+    num_trajectories: int
+    """Trajectories received."""
+    num_trained: int
+    """Trajectories that contributed tokens."""
+    num_groups: int
+    """GRPO groups in the batch."""
+    num_zero_variance_groups: int
+    """Groups whose rewards were all equal."""
+    num_dropped_zero_variance: int
+    """Trajectories dropped because their group had zero variance."""
+    num_loss_tokens: int
+    """Sampled tokens trained on."""
+    num_tokens: int
+    """All tokens forwarded (prompt, environment and sampled)."""
+    masked_token_fraction: float
+    """Fraction of forwarded tokens that were masked (prompt and environment tokens)."""
+    num_microbatches: int
+    """Forward/backward passes with grad."""
+    reward_mean: float
+    """Mean reward over all trajectories received."""
+    reward_std: float
+    """Population std of the rewards received."""
+    progress_mean: float
+    """Mean progress reward R_P over all trajectories received."""
+    loss: float
+    """Total loss (token mean over the batch, summed over updates)."""
+    pg_loss: float
+    """Mean weighted clipped policy-gradient term."""
+    kl_ref: float
+    """Mean k3 KL to the reference policy (0 when the KL is off)."""
+    entropy: float
+    """Mean entropy of the policy at the sampled positions."""
+    clip_fraction: float
+    """Fraction of tokens where the PPO clip was active."""
+    dual_clip_fraction: float
+    """Fraction of tokens where the dual clip was active."""
+    behavior_weight_mean: float
+    """Mean applied behaviour weight (after truncation/masking)."""
+    behavior_weight_min: float
+    """Smallest raw behaviour weight."""
+    behavior_weight_max: float
+    """Largest raw behaviour weight."""
+    behavior_masked_fraction: float
+    """Fraction of tokens masked by the behaviour weight."""
+    behavior_truncated_fraction: float
+    """Fraction of tokens whose behaviour weight was truncated."""
+    behavior_kl: float
+    """Mean k3 estimate of KL(behaviour || proximal): engine/learner mismatch plus staleness."""
+    staleness_mean: float
+    """Mean (version before the step - token's sampling version) over loss tokens."""
+    staleness_max: int
+    """Largest such lag."""
+    grad_norm: float
+    """Global gradient norm before clipping (last update of the step)."""
+    lr: float
+    """Learning rate used."""
+    duration_s: float
+    """Wall time of the step."""
+    tokens_per_s: float
+    """``num_tokens`` trained per second (forwards and backwards, all passes)."""
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """One trajectory's per-token training inputs (only the predicted positions)."""
+
+    behavior: list[float]
+    advantage: float
+    lags: list[int]
+
+
+class Learner:
+    """Off-policy-corrected GRPO on a LoRA adapter; ``step`` is synchronous and thread-safe."""
+
+    def __init__(
+        self, model: torch.nn.Module, config: LearnerConfig = LearnerConfig(), *, device: str | None = None
+    ) -> None:
+        self._config = config
+        self._model = attach_lora(model, config.lora)
+        if device is not None:
+            self._model.to(device)
+        self._device = next(self._model.parameters()).device
+        if config.batching is Batching.PACKED:
+            self._attention = enable_packed_attention(self._model)
+        self._params = lora_parameters(self._model)
+        if not self._params:
+            raise ValueError("the model has no trainable parameters")
+        self._optimizer = torch.optim.AdamW(
+            self._params,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self._lock = threading.Lock()
+        self._policy_version = 0
+        self._num_steps = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The peft-wrapped policy (do not use it while a step runs)."""
+        return self._model
+
+    @property
+    def config(self) -> LearnerConfig:
+        return self._config
+
+    @property
+    def policy_version(self) -> int:
+        """Number of weight updates applied so far (0 = the freshly initialised adapter)."""
+        return self._policy_version
+
+    @property
+    def num_steps(self) -> int:
+        """Calls to ``step`` that returned, updated or not."""
+        return self._num_steps
+
+    def step(self, trajectories: Sequence[Trajectory]) -> StepMetrics:
+        """Train on one batch; returns what happened. Raises ValueError on malformed trajectories."""
+        if not trajectories:
+            raise ValueError("step needs at least one trajectory")
+        for t in trajectories:
+            if t.loss_mask and t.loss_mask[0]:
+                raise ValueError(f"trajectory {t.task_id}/{t.group_id}: token 0 cannot be a loss token")
+        with self._lock:
+            started = time.perf_counter()
+            metrics = self._step_locked(trajectories, started)
+            self._num_steps += 1
+        log.info("learner_step", **metrics.as_dict())
+        return metrics
+
+    def _step_locked(self, trajectories: Sequence[Trajectory], started: float) -> StepMetrics:
+        cfg = self._config
+        adv = group_advantages(
+            [t.reward for t in trajectories], [t.group_id for t in trajectories], cfg.advantages
+        )
+        version_before = self._policy_version
+        chosen = [i for i, t in enumerate(trajectories) if adv.keep[i] and t.num_model_tokens > 0]
+        prepared = [self._prepare(trajectories[i], adv.advantages[i], version_before) for i in chosen]
+
+        rewards = [t.reward for t in trajectories]
+        reward_mean = sum(rewards) / len(rewards)
+        summary: dict[str, Any] = {
+            "num_trajectories": len(trajectories),
+            "num_trained": len(chosen),
+            "num_groups": adv.num_groups,
+            "num_zero_variance_groups": adv.num_zero_variance_groups,
+            "num_dropped_zero_variance": adv.num_dropped,
+            "reward_mean": reward_mean,
+            "reward_std": math.sqrt(sum((r - reward_mean) ** 2 for r in rewards) / len(rewards)),
+            "progress_mean": sum(t.progress for t in trajectories) / len(trajectories),
+            "lr": cfg.lr,
+        }
+        lags = [lag for p in prepared for lag in p.lags]
+        num_tokens = sum(len(trajectories[i].token_ids) for i in chosen)
+        stats = LossStats.empty()
+        total_loss = 0.0
+        grad_norm = 0.0
+        num_micro = 0
+        updated = bool(chosen)
+
+        if chosen:
+            sequences = [trajectories[i].token_ids for i in chosen]
+            predict = [trajectories[i].loss_mask for i in chosen]
+            minibatches = _split(len(chosen), min(cfg.updates_per_step, len(chosen)))
+            plans = [
+                [
+                    [mb[k] for k in micro]
+                    for micro in plan_microbatches(
+                        [len(sequences[j]) for j in mb], cfg.micro_batch_tokens, cfg.batching
+                    )
+                ]
+                for mb in minibatches
+            ]
+            batches = [
+                [build_batch(sequences, predict, micro, cfg.batching, self._device) for micro in plan]
+                for plan in plans
+            ]
+            proximal: list[list[torch.Tensor]] | None = None
+            if len(batches) > 1:
+                proximal = [[self._logprobs_no_grad(b) for b in mb] for mb in batches]
+            applied = 0
+            for u, mb_batches in enumerate(batches):
+                loss, mb_stats, grad_norm, n_micro = self._update(
+                    mb_batches, prepared, proximal[u] if proximal is not None else None
+                )
+                total_loss += loss
+                stats = stats.merge(mb_stats)
+                num_micro += n_micro
+                if not math.isfinite(grad_norm):
+                    # A poisoned batch must not corrupt the weights; the update is skipped.
+                    log.warning("learner_nonfinite_grad", grad_norm=grad_norm, update=u)
+                    break
+                applied += 1
+            updated = applied > 0
+            if updated:
+                self._policy_version += 1
+
+        duration = time.perf_counter() - started
+        n = stats.num_tokens
+        return StepMetrics(
+            updated=updated,
+            policy_version=self._policy_version,
+            num_loss_tokens=n,
+            num_tokens=num_tokens,
+            masked_token_fraction=1.0 - n / num_tokens if num_tokens else 0.0,
+            num_microbatches=num_micro,
+            loss=total_loss,
+            pg_loss=stats.mean(stats.pg_loss_sum),
+            kl_ref=stats.mean(stats.kl_ref_sum),
+            entropy=stats.mean(stats.entropy_sum),
+            clip_fraction=stats.mean(stats.clipped),
+            dual_clip_fraction=stats.mean(stats.dual_clipped),
+            behavior_weight_mean=stats.mean(stats.weight_sum),
+            behavior_weight_min=stats.weight_min if n else 1.0,
+            behavior_weight_max=stats.weight_max if n else 1.0,
+            behavior_masked_fraction=stats.mean(stats.weight_masked),
+            behavior_truncated_fraction=stats.mean(stats.weight_truncated),
+            behavior_kl=stats.mean(stats.behavior_kl_sum),
+            staleness_mean=sum(lags) / len(lags) if lags else 0.0,
+            staleness_max=max(lags, default=0),
+            grad_norm=grad_norm,
+            duration_s=duration,
+            tokens_per_s=num_tokens / duration if duration > 0 else 0.0,
+            **summary,
+        )
+
+    def _prepare(self, t: Trajectory, advantage: float, version: int) -> _Prepared:
+        idx = [j for j in range(1, len(t.token_ids)) if t.loss_mask[j]]
+        return _Prepared(
+            behavior=[t.behavior_logprobs[j] for j in idx],
+            advantage=advantage,
+            lags=[version - t.policy_versions[j] for j in idx],
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self._config.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._device.type, dtype=getattr(torch, self._config.autocast_dtype))
+
+    def _logprobs_no_grad(self, batch: ModelBatch, *, reference: bool = False) -> torch.Tensor:
+        self._model.eval()
+        ref = reference_mode(self._model) if reference else contextlib.nullcontext()
+        with torch.no_grad(), ref, self._autocast():
+            logp, _ = token_logprobs(self._model, batch, temperature=self._config.temperature)
+        return logp
+
+    def _update(
+        self,
+        batches: Sequence[ModelBatch],
+        prepared: Sequence[_Prepared],
+        proximal: Sequence[torch.Tensor] | None,
+    ) -> tuple[float, LossStats, float, int]:
+        """One optimizer update over ``batches`` (micro-batches of one mini-batch)."""
+        cfg = self._config
+        n_global = sum(int(b.target_ids.numel()) for b in batches)
+        stats = LossStats.empty()
+        total = 0.0
+        self._optimizer.zero_grad(set_to_none=True)
+        for k, batch in enumerate(batches):
+            behavior = torch.tensor(
+                [x for m in batch.members for x in prepared[m].behavior],
+                dtype=torch.float32,
+                device=self._device,
+            )
+            advantages = torch.tensor(
+                [prepared[m].advantage for m in batch.members for _ in prepared[m].behavior],
+                dtype=torch.float32,
+                device=self._device,
+            )
+            ref = self._logprobs_no_grad(batch, reference=True) if cfg.loss.kl_coef > 0 else None
+            self._model.train()
+            with self._autocast():
+                logp, entropy = token_logprobs(
+                    self._model, batch, temperature=cfg.temperature, with_entropy=True
+                )
+            if entropy is not None and cfg.loss.entropy_coef == 0:
+                entropy = entropy.detach()
+            prox = proximal[k] if proximal is not None else logp.detach()
+            loss, mb_stats = policy_loss(
+                logp,
+                prox,
+                behavior,
+                advantages,
+                torch.ones_like(behavior, dtype=torch.bool),
+                num_tokens=n_global,
+                config=cfg.loss,
+                sequence_index=batch.sequence_index,
+                entropy=entropy,
+                ref_logprobs=ref,
+            )
+            loss.backward()
+            total += float(loss.detach())
+            stats = stats.merge(mb_stats)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip))
+        if math.isfinite(grad_norm):
+            self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return total, stats, grad_norm, len(batches)
+
+    def save_adapter(self, folder: Path) -> int:
+        """Write the current adapter (peft layout) into ``folder``; returns its policy version.
+
+        Waits for a running step, so the folder and the version always match.
+        """
+        with self._lock:
+            save_adapter(self._model, folder)
+            return self._policy_version
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: adapter, optimizer, counters, torch RNG."""
+        with self._lock:
+            return {
+                "adapter": adapter_state(self._model),
+                "optimizer": self._optimizer.state_dict(),
+                "policy_version": self._policy_version,
+                "num_steps": self._num_steps,
+                "torch_rng": torch.get_rng_state(),
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (same model shape and config)."""
+        with self._lock:
+            load_adapter_state(self._model, state["adapter"])
+            self._optimizer.load_state_dict(state["optimizer"])
+            self._policy_version = int(state["policy_version"])
+            self._num_steps = int(state["num_steps"])
+            torch.set_rng_state(state["torch_rng"])
+
+
+def _split(n: int, parts: int) -> list[list[int]]:
+    """``range(n)`` in ``parts`` contiguous, nearly equal chunks."""
+    base, extra = divmod(n, parts)
+    out: list[list[int]] = []
+    start = 0
+    for p in range(parts):
+        size = base + (1 if p < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out

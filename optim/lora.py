@@ -1,0 +1,92 @@
+"""LoRA adapters via peft: attach, read/write the trainable state, save in SGLang's layout.
+
+The reference policy for the KL term is the base model with the adapter disabled
+(``reference_mode``), so no second copy of the weights exists. Deliberately left out: merging
+adapters into the base weights (the engines load the adapter folder instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+QWEN2_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)
+"""Every linear layer of a Qwen2 decoder block."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSettings:
+    """LoRA hyper-parameters."""
+
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is (alpha / r) · B A."""
+    dropout: float = 0.0
+    """LoRA dropout. Keep 0: with dropout the proximal (no-grad) and training passes differ and the
+    on-policy ratio is no longer exactly 1."""
+    target_modules: tuple[str, ...] = QWEN2_TARGET_MODULES
+    """Module names that get an adapter."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty")
+
+
+def attach_lora(model: torch.nn.Module, settings: LoraSettings = LoraSettings()) -> PeftModel:
+    """Wrap ``model`` with a fresh LoRA adapter (B = 0, so the policy starts equal to the base).
+
+    A model that already is a ``PeftModel`` is returned unchanged. Only adapter parameters are
+    trainable afterwards.
+    """
+    if isinstance(model, PeftModel):
+        return model
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@contextmanager
+def reference_mode(model: PeftModel) -> Iterator[None]:
+    """Inside, ``model`` computes the reference (base) policy: the adapter is bypassed."""
+    with model.disable_adapter():
+        yield
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Copies of the adapter tensors (on CPU), keyed as peft saves them."""
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load tensors from ``adapter_state`` back into ``model``; every adapter key must be present."""
+    result = set_peft_model_state_dict(model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise ValueError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
+
+
+def save_adapter(model: PeftModel, folder: Path) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (what SGLang and peft load)."""
+    model.save_pretrained(str(folder), safe_serialization=True)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,222 @@
+"""The learner step: what changes, accumulation, resume, on-policy sanity, bad batches."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+
+import pytest
+import torch
+from envtune.agents.trajectory import Trajectory
+from envtune.optim import (
+    AdvantageConfig,
+    Batching,
+    Learner,
+    LearnerConfig,
+    LoraSettings,
+    LossConfig,
+    ZeroVariancePolicy,
+)
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 61
+
+
+def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def make_learner(seed: int = 0, **overrides: object) -> Learner:
+    fields: dict[str, object] = {"lr": 1e-2, "lora": LoraSettings(rank=4, alpha=8.0)}
+    fields.update(overrides)
+    torch.manual_seed(seed + 100)  # LoRA A matrices are drawn from the global generator
+    return Learner(tiny_model(seed), LearnerConfig(**fields))
+
+
+def on_policy_logprobs(learner: Learner, ids: list[int]) -> list[float]:
+    model = learner.model
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return [0.0] + [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+
+
+def make_batch(
+    learner: Learner, seed: int, groups: int = 2, size: int = 4, version: int = 0
+) -> list[Trajectory]:
+    """Prompt (masked) + model turn + environment turn (masked) + model turn; behaviour = current policy."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gi in range(groups):
+        prompt = torch.randint(0, VOCAB, (5,), generator=g).tolist()
+        for _ in range(size):
+            n1, n2 = int(torch.randint(2, 7, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+            turn1 = torch.randint(0, VOCAB, (n1,), generator=g).tolist()
+            env = torch.randint(0, VOCAB, (3,), generator=g).tolist()
+            turn2 = torch.randint(0, VOCAB, (n2,), generator=g).tolist()
+            ids = prompt + turn1 + env + turn2
+            mask = [False] * 5 + [True] * len(turn1) + [False] * 3 + [True] * len(turn2)
+            lp = on_policy_logprobs(learner, ids)
+            behavior = [x if m else 0.0 for x, m in zip(lp, mask, strict=True)]
+            reward = float(torch.rand(1, generator=g))
+            out.append(
+                Trajectory(
+                    task_id=f"t{gi}", group_id=f"g{seed}-{gi}", token_ids=tuple(ids), loss_mask=tuple(mask),
+                    behavior_logprobs=tuple(behavior),
+                    policy_versions=tuple(version if m else -1 for m in mask),
+                    reward=reward, progress=reward, format_reward=0.0, tool_reward=0.0, turn_passed=(),
+                    step_codes=(), stage=2, start_version=version,
+                )
+            )
+    return out
+
+
+def named_params(learner: Learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+
+
+def with_fields(t: Trajectory, **changes: object) -> Trajectory:
+    return Trajectory(**{**{f: getattr(t, f) for f in t.__dataclass_fields__}, **changes})
+
+
+def test_only_lora_parameters_change() -> None:
+    learner = make_learner()
+    before = named_params(learner)
+    metrics = learner.step(make_batch(learner, seed=1))
+    after = named_params(learner)
+    assert metrics.updated and metrics.policy_version == learner.policy_version == 1
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "nothing was trained"
+    assert all("lora_" in n for n in changed), sorted(changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_on_policy_batch_has_unit_weights_and_no_clipping() -> None:
+    learner = make_learner()
+    batch = make_batch(learner, seed=2)
+    m = learner.step(batch)
+    assert m.clip_fraction == 0.0
+    assert m.behavior_weight_mean == pytest.approx(1.0, abs=1e-5)
+    assert m.behavior_kl == pytest.approx(0.0, abs=1e-6)
+    assert m.kl_ref == pytest.approx(0.0, abs=1e-9)  # B = 0 at start: policy == reference
+    assert m.num_loss_tokens == sum(t.num_model_tokens for t in batch)
+    assert m.num_tokens == sum(len(t.token_ids) for t in batch)
+    assert 0 < m.masked_token_fraction < 1
+    assert m.staleness_mean == 0.0 and m.entropy > 0
+    # After the update the same data is off-policy: the behaviour weights move away from 1.
+    m2 = learner.step(batch)
+    assert m2.behavior_kl > 0 and m2.staleness_max == 1
+    assert m2.kl_ref > 0
+
+
+@pytest.mark.parametrize("batching", [Batching.PACKED, Batching.PADDED])
+def test_accumulation_matches_one_big_microbatch(batching: Batching) -> None:
+    # adam_eps=1 makes the first update ~lr·g instead of ~lr·sign(g), whose sign flips on float noise
+    # where the gradient is ~0; the comparison is then of gradients, as intended.
+    whole = make_learner(micro_batch_tokens=10_000, adam_eps=1.0, lr=1.0)
+    split = make_learner(micro_batch_tokens=12, batching=batching, adam_eps=1.0, lr=1.0)
+    batch = make_batch(whole, seed=3)
+    m_whole = whole.step(batch)
+    m_split = split.step(batch)
+    assert m_split.num_microbatches > m_whole.num_microbatches == 1
+    assert m_split.loss == pytest.approx(m_whole.loss, abs=1e-6)
+    assert m_split.grad_norm == pytest.approx(m_whole.grad_norm, rel=1e-4)
+    a, b = named_params(whole), named_params(split)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_resume_reproduces_the_state() -> None:
+    first = make_learner()
+    b1, b2 = make_batch(first, seed=4), make_batch(first, seed=5)
+    first.step(b1)
+    state = copy.deepcopy(first.state_dict())
+    m_first = first.step(b2)
+
+    resumed = make_learner(seed=0)
+    torch.manual_seed(999)  # different global RNG state; load_state_dict restores it
+    resumed.load_state_dict(state)
+    assert resumed.policy_version == 1 and resumed.num_steps == 1
+    m_resumed = resumed.step(b2)
+    assert m_resumed.loss == pytest.approx(m_first.loss, abs=1e-7)
+    a, b = named_params(first), named_params(resumed)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-7), name
+    assert resumed.policy_version == first.policy_version == 2
+
+
+def test_zero_variance_groups_dropped_means_no_update() -> None:
+    learner = make_learner(advantages=AdvantageConfig(zero_variance=ZeroVariancePolicy.DROP))
+    batch = [with_fields(t, reward=1.0) for t in make_batch(learner, seed=6)]
+    before = named_params(learner)
+    m = learner.step(batch)
+    assert not m.updated and m.policy_version == 0
+    assert m.num_zero_variance_groups == 2 and m.num_dropped_zero_variance == 8 and m.num_trained == 0
+    after = named_params(learner)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_nonfinite_batch_does_not_touch_the_weights() -> None:
+    learner = make_learner()
+    batch = make_batch(learner, seed=7)
+    t0 = batch[0]
+    before = named_params(learner)
+    # +inf behaviour logprobs give weight exp(-20) after the log-ratio clamp: finite, still trains.
+    batch[0] = with_fields(t0, behavior_logprobs=tuple(math.inf if m else 0.0 for m in t0.loss_mask))
+    m = learner.step(batch)
+    assert m.updated and math.isfinite(m.loss)
+    mid = named_params(learner)
+    assert any(not torch.equal(before[n], mid[n]) for n in before)
+    # NaN logprobs poison the gradient: the update is skipped and the version stays.
+    batch[0] = with_fields(t0, behavior_logprobs=tuple(math.nan if m else 0.0 for m in t0.loss_mask))
+    m_nan = learner.step(batch)
+    assert not m_nan.updated and m_nan.policy_version == m.policy_version == 1
+    assert all(torch.equal(mid[n], p) for n, p in named_params(learner).items())
+
+
+def test_several_updates_per_step_equal_sequential_steps_when_nothing_clips() -> None:
+    # Decoupled PPO: with two updates per batch the second mini-batch's ratio is taken against the
+    # pre-step (proximal) policy; as separate steps, its proximal is the post-update policy and the
+    # behaviour weight carries the difference. Without clipping the gradients are identical.
+    loose = LossConfig(
+        clip_low=0.999, clip_high=1e6, dual_clip=None, behavior_weight_cap=1e6, kl_coef=0.0, entropy_coef=0.0
+    )
+    combined = make_learner(updates_per_step=2, lr=1.0, adam_eps=1.0, loss=loose)  # eps: see above
+    sequential = make_learner(lr=1.0, adam_eps=1.0, loss=loose)
+    batch = make_batch(combined, seed=8)  # group 0 = first half, group 1 = second half
+    m = combined.step(batch)
+    assert m.updated and m.policy_version == 1 and m.num_microbatches == 2
+    sequential.step(batch[:4])
+    m_seq = sequential.step(batch[4:])
+    assert m_seq.behavior_weight_mean != pytest.approx(1.0, abs=1e-4)  # the correction did something
+    a, b = named_params(combined), named_params(sequential)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_rejects_bad_batches() -> None:
+    learner = make_learner()
+    with pytest.raises(ValueError):
+        learner.step([])
+    t0 = make_batch(learner, seed=9)[0]
+    bad = with_fields(t0, loss_mask=(True, *t0.loss_mask[1:]))
+    with pytest.raises(ValueError, match="token 0"):
+        learner.step([bad])
+
+
+async def test_step_runs_in_a_worker_thread_and_saves_adapter(tmp_path) -> None:
+    learner = make_learner()
+    batch = make_batch(learner, seed=10)
+    metrics = await asyncio.to_thread(learner.step, batch)
+    version = await asyncio.to_thread(learner.save_adapter, tmp_path / "a")
+    assert version == metrics.policy_version == 1
+    assert (tmp_path / "a" / "adapter_config.json").exists()
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
