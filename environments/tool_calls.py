@@ -257,7 +257,15 @@ def _fast_parse(text: str) -> ParsedReply | None:
     or ``<answer>…</answer>``, whitespace, and no other of the three tags anywhere (four tags in all).
     """
     stripped = text.strip()
-    if not stripped.startswith("<think>") or len(_TAG.findall(stripped)) != 4:
+    if (
+        not stripped.startswith("<think>")
+        or stripped.count("<think>") != 1
+        or stripped.count("</think>") != 1
+    ):
+        return None
+    calls = stripped.count("<tool_call>"), stripped.count("</tool_call>")
+    answers = stripped.count("<answer>"), stripped.count("</answer>")
+    if {calls, answers} != {(1, 1), (0, 0)}:
         return None
     think_end = stripped.find("</think>")
     if think_end < 0:
