@@ -1,0 +1,650 @@
+"""The rollout actor: runs GRPO groups of episodes concurrently and hands finished groups on.
+
+This is the runtime's one larger file: dispatch, the staleness gate and the per-episode
+accounting share one piece of state (who is in flight, under which version) and read best together.
+
+* **One task per episode**, all owned by the actor's TaskGroup, at most
+  ``max_concurrent_episodes`` at once (a semaphore). Episodes are run by an injected
+  ``EpisodeRunner``; the runtime never looks inside one.
+* **Groups.** Each task drawn from the ``TaskSource`` becomes a group of ``group_size`` episodes
+  stamped with the policy version current at dispatch (``start_version``). A group is emitted to
+  the trajectory sink (the learner's bounded mailbox) only when every member has ended. Members
+  that failed are dropped; the rest are emitted if at least ``min_group_size`` remain (GRPO needs
+  two rewards to form an advantage), otherwise the whole group is dropped as ``group_incomplete``.
+* **Staleness bound at dispatch** (``StalenessGate``, AReaL's rule in group units): see there.
+  A group that ages out anyway (groups finished out of order) is dropped at emission as ``stale``.
+* **Backpressure.** The last member of a group holds its concurrency slot until the sink accepted
+  the group, so a full trajectory queue stops dispatch instead of piling up finished groups.
+* **Accounting.** Every episode started ends exactly once, as *completed* (emitted in a group)
+  or *dropped* with a reason: the runner's exception type name, ``timeout``, ``cancelled``,
+  ``invalid_trajectory``, ``group_incomplete`` or ``stale``. ``started == completed + dropped +
+  in_flight`` at every await point.
+* **Shutdown.** On ``Stop``: dispatch ends, in-flight episodes get ``drain_timeout_s`` to finish,
+  the rest are cancelled (dropped as ``cancelled``); finished groups are still emitted.
+
+Engine retries live in ``RetryingEngine`` (wrap the engine the runner uses); environment
+exceptions are turned into error observations inside the episode runner, not here.
+``run_synchronous_batches`` is the reference loop: the same work in lock-step batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import structlog
+from envtune.agents.trajectory import Trajectory
+from envtune.runtime.actors import Actor, MailboxStatistics
+from envtune.runtime.engines.base import Completion, Engine, EngineError, GenerateRequest
+
+log = structlog.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Records and protocols at the boundary
+
+
+class TaskLike(Protocol):
+    """What the rollout needs of a task spec: its id (the curriculum's ``TaskSpec`` carries more)."""
+
+    @property
+    def task_id(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A minimal task spec (tests, benchmarks); the curriculum scheduler hands out its own."""
+
+    task_id: str
+    """BFCL task id."""
+    stage: int = 0
+    """Curriculum stage the group is run in (1-4; 0 outside a curriculum)."""
+
+
+class TaskSource(Protocol):
+    """Where tasks come from: the curriculum scheduler (synchronous) or any async source.
+
+    ``next_task`` may return the spec directly or an awaitable of it; None means no more work.
+    An exception from it is a bug and ends the rollout actor.
+    """
+
+    def next_task(self) -> TaskLike | Awaitable[TaskLike | None] | None: ...
+
+
+class IteratorTaskSource:
+    """A ``TaskSource`` over a finite or endless iterable of task specs."""
+
+    def __init__(self, tasks: Iterable[TaskLike]) -> None:
+        self._tasks = iter(tasks)
+
+    def next_task(self) -> TaskLike | None:
+        return next(self._tasks, None)
+
+
+EpisodeRunner = Callable[[Any, str, int], Awaitable[Trajectory]]
+"""``run_episode(task, group_id, start_version) -> Trajectory``: one whole episode; may raise."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrajectoryGroup:
+    """The finished members of one GRPO group: what the learner consumes."""
+
+    group_id: str
+    """Unique id; equals ``group_id`` of every trajectory in it."""
+    task: Any
+    """The task spec every member ran (what the task source handed out)."""
+    start_version: int
+    """Policy version current when the group was dispatched."""
+    trajectories: tuple[Trajectory, ...]
+    """Completed members (``min_group_size`` <= len <= ``group_size``)."""
+    size: int
+    """Members started (the rest of ``trajectories`` up to it were dropped)."""
+    emitted_version: int
+    """Policy version current when the group was emitted."""
+
+    def staleness(self, trainer_version: int) -> int:
+        """Versions between dispatch and a learner step at ``trainer_version``."""
+        return trainer_version - self.start_version
+
+
+class GroupSink(Protocol):
+    """Receives finished groups (an actor or a ``Mailbox``); ``send`` waits when full."""
+
+    async def send(self, message: TrajectoryGroup) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Messages the rollout actor accepts
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyUpdated:
+    """The engine now serves this policy version (sent by weight sync after the swap)."""
+
+    version: int
+    """New policy version (never lower than the previous one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupsDiscarded:
+    """Groups the learner received but did not train on; they give their admission slots back."""
+
+    count: int
+    """How many groups."""
+    reason: str = "stale"
+    """Why (for logs)."""
+
+
+RolloutMessage = PolicyUpdated | GroupsDiscarded
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration, retries, staleness gate
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutConfig:
+    """How the rollout actor dispatches and accounts episodes."""
+
+    max_concurrent_episodes: int = 256
+    """Episodes running at once (each holds one slot; slots bound engine load and memory)."""
+    group_size: int = 16
+    """n, episodes per task per group (GRPO)."""
+    min_group_size: int = 2
+    """Fewest completed members a group may be emitted with; fewer drops the group."""
+    max_staleness: int | None = 4
+    """eta: most learner versions between a group's dispatch and the step that trains it; None is
+    unbounded (no gate, no stale drops)."""
+    groups_per_step: int = 32
+    """Groups the learner consumes per optimizer step (must match the learner's batch)."""
+    mailbox_size: int = 64
+    """Bound of the actor's control mailbox."""
+    drain_timeout_s: float = 30.0
+    """On stop, how long in-flight episodes may run before they are cancelled."""
+    episode_timeout_s: float | None = None
+    """Per-episode wall-clock limit (None: no limit); an episode over it is dropped as timeout."""
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_episodes < 1:
+            raise ValueError(f"max_concurrent_episodes must be >= 1, got {self.max_concurrent_episodes}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if not 1 <= self.min_group_size <= self.group_size:
+            raise ValueError(f"min_group_size must be in [1, group_size], got {self.min_group_size}")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 or None, got {self.max_staleness}")
+        if self.groups_per_step < 1:
+            raise ValueError(f"groups_per_step must be >= 1, got {self.groups_per_step}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff for retryable engine errors."""
+
+    max_attempts: int = 4
+    """Tries per engine call, the first included."""
+    backoff_s: float = 0.5
+    """Wait before the second try; doubled for each further one."""
+    backoff_max_s: float = 8.0
+    """Cap on one wait."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+
+    def delay(self, failed_attempts: int) -> float:
+        """Wait after ``failed_attempts`` (>= 1) failures."""
+        return min(self.backoff_s * 2 ** (failed_attempts - 1), self.backoff_max_s)
+
+
+class RetryingEngine:
+    """An ``Engine`` that retries ``EngineError(retryable=True)``; the episode runner uses it."""
+
+    def __init__(self, engine: Engine, policy: RetryPolicy = RetryPolicy()) -> None:
+        self._engine = engine
+        self._policy = policy
+        self.retries = 0
+        """Retries made so far (all calls)."""
+
+    async def generate(self, request: GenerateRequest) -> Sequence[Completion]:
+        failures = 0
+        while True:
+            try:
+                return await self._engine.generate(request)
+            except EngineError as exc:
+                failures += 1
+                if not exc.retryable or failures >= self._policy.max_attempts:
+                    raise
+                self.retries += 1
+                log.debug("engine.retry", attempt=failures, error=str(exc))
+                await asyncio.sleep(self._policy.delay(failures))
+
+    async def close(self) -> None:
+        await self._engine.close()
+
+
+class StalenessGate:
+    """Admits a new group only if it can be trained within ``max_staleness`` versions.
+
+    Rule (AReaL's capacity rule, in groups): with B = ``groups_per_step``, eta = ``max_staleness``,
+    v0 the version the gate was created at and v the current version, a group may start iff
+
+        live + 1 <= (eta + (v - v0) + 1) * B,   live = groups started - groups discarded,
+
+    where a discarded group is one that will never reach the learner (dropped here, or reported
+    by the learner through ``GroupsDiscarded``). Why it holds: the learner trains the k-th group
+    it receives (k = 0, 1, ...) in step floor(k / B), at version v0 + floor(k / B). If groups reach
+    it in dispatch order, a group admitted under v has k <= live < (eta + v - v0 + 1) * B, so it is
+    trained at a version <= v + eta. Groups finishing out of order can break this; the rollout
+    drops those at emission and the learner at consumption (both count ``stale``).
+    """
+
+    def __init__(self, max_staleness: int | None, groups_per_step: int, initial_version: int) -> None:
+        self.max_staleness = max_staleness
+        self.groups_per_step = groups_per_step
+        self.initial_version = initial_version
+        self.started = 0
+        self.discarded = 0
+
+    def capacity(self, version: int) -> int | None:
+        """Groups that may still start under ``version`` (None when unbounded)."""
+        if self.max_staleness is None:
+            return None
+        allowed = (self.max_staleness + (version - self.initial_version) + 1) * self.groups_per_step
+        return allowed - (self.started - self.discarded)
+
+    def admits(self, version: int) -> bool:
+        capacity = self.capacity(version)
+        return capacity is None or capacity >= 1
+
+    def is_stale(self, start_version: int, version: int) -> bool:
+        """True when a group started under ``start_version`` can no longer train within the bound."""
+        return self.max_staleness is not None and version - start_version > self.max_staleness
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutStatistics:
+    """A snapshot of the rollout actor."""
+
+    episodes_started: int
+    """Episodes handed to the runner."""
+    episodes_completed: int
+    """Episodes emitted in a group."""
+    episodes_dropped: int
+    """Episodes that ended without being emitted (sum of ``dropped_by_reason``)."""
+    dropped_by_reason: Mapping[str, int]
+    """Dropped episodes per reason."""
+    in_flight: int
+    """Started and not yet completed or dropped (running, or done and waiting for its group)."""
+    running: int
+    """Episodes whose runner is still running."""
+    groups_started: int
+    """Groups dispatched."""
+    groups_emitted: int
+    """Groups accepted by the sink."""
+    groups_dropped: int
+    """Groups that ended without being emitted."""
+    policy_version: int
+    """Version the actor believes the engine serves."""
+    generated_tokens: int
+    """Model-sampled tokens in completed episodes."""
+    staleness_at_emission: Mapping[int, int]
+    """Emitted groups per (version at emission - start version)."""
+    admission_capacity: int | None
+    """Groups the staleness gate would still admit now (None: unbounded)."""
+    dispatching: bool
+    """True while the dispatcher may start more groups."""
+    mailbox: MailboxStatistics
+    """The control mailbox."""
+
+
+# --------------------------------------------------------------------------------------------
+# The actor
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """A dispatched group being filled and waiting for its members (internal, mutable)."""
+
+    group_id: str
+    task: Any
+    start_version: int
+    started: int = 0
+    resolved: int = 0
+    open: bool = True
+    trajectories: list[Trajectory] = field(default_factory=list)
+
+
+class RolloutActor(Actor[RolloutMessage]):
+    """Dispatches groups, runs episodes, emits finished groups (see the module docstring)."""
+
+    accepts = (PolicyUpdated, GroupsDiscarded)
+
+    def __init__(
+        self,
+        config: RolloutConfig,
+        tasks: TaskSource,
+        run_episode: EpisodeRunner,
+        trajectories: GroupSink,
+        *,
+        policy_version: int = 0,
+        name: str = "rollout",
+    ) -> None:
+        super().__init__(name, config.mailbox_size)
+        self.config = config
+        self._tasks = tasks
+        self._run_episode = run_episode
+        self._sink = trajectories
+        self._version = policy_version
+        self._gate = StalenessGate(config.max_staleness, config.groups_per_step, policy_version)
+        self._slots = asyncio.Semaphore(config.max_concurrent_episodes)
+        self._capacity_changed = asyncio.Event()
+        self._done = asyncio.Event()
+        self._group_ids = itertools.count()
+        self._groups: dict[str, _Group] = {}
+        self._open_group: _Group | None = None
+        self._episode_tasks: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._dispatching = False
+        self._started = 0
+        self._episodes_running = 0
+        self._completed = 0
+        self._dropped: Counter[str] = Counter()
+        self._groups_emitted = 0
+        self._groups_dropped = 0
+        self._tokens = 0
+        self._staleness: Counter[int] = Counter()
+
+    # -- public -------------------------------------------------------------------------------
+
+    async def wait_until_done(self) -> None:
+        """Wait until the task source is exhausted and every group has ended."""
+        await self._done.wait()
+
+    def statistics(self) -> RolloutStatistics:  # type: ignore[override]
+        dropped = sum(self._dropped.values())
+        return RolloutStatistics(
+            episodes_started=self._started,
+            episodes_completed=self._completed,
+            episodes_dropped=dropped,
+            dropped_by_reason=MappingProxyType(dict(self._dropped)),
+            in_flight=self._started - self._completed - dropped,
+            running=self._episodes_running,
+            groups_started=self._gate.started,
+            groups_emitted=self._groups_emitted,
+            groups_dropped=self._groups_dropped,
+            policy_version=self._version,
+            generated_tokens=self._tokens,
+            staleness_at_emission=MappingProxyType(dict(sorted(self._staleness.items()))),
+            admission_capacity=self._gate.capacity(self._version),
+            dispatching=self._dispatching,
+            mailbox=self.mailbox.statistics(),
+        )
+
+    # -- actor plumbing -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._dispatching = True
+                self._dispatcher = group.create_task(self._dispatch(group), name=f"{self.name}:dispatch")
+                await super().run()
+        finally:
+            self._dispatching = False
+            self._abandon_unfinished_groups()
+            self._done.set()
+
+    async def handle(self, message: RolloutMessage) -> None:
+        match message:
+            case PolicyUpdated(version=version):
+                if version < self._version:
+                    raise ValueError(f"policy version went back from {self._version} to {version}")
+                self._version = version
+                self._capacity_changed.set()
+            case GroupsDiscarded(count=count, reason=reason):
+                self._gate.discarded += count
+                log.info("rollout.groups_discarded", count=count, reason=reason)
+                self._capacity_changed.set()
+            case _:
+                raise TypeError(f"{self.name}: unexpected message {message!r}")
+
+    async def on_stop(self, reason: str) -> None:
+        """Stop dispatching, let in-flight episodes finish (bounded), cancel the rest."""
+        assert self._dispatcher is not None
+        self._dispatcher.cancel()
+        await asyncio.wait({self._dispatcher})
+        self._dispatching = False
+        group = self._open_group
+        if group is not None:
+            # The dispatcher stopped half way through starting this group: it is as big as it got.
+            self._open_group = None
+            group.open = False
+            if group.started == 0:
+                self._groups.pop(group.group_id)
+                self._gate.discarded += 1
+            elif group.resolved == group.started:
+                await self._finalize(group)
+        if self._episode_tasks:
+            _, pending = await asyncio.wait(set(self._episode_tasks), timeout=self.config.drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+                log.info("rollout.cancelled_in_flight", episodes=len(pending), reason=reason)
+        # Groups whose last member was cancelled have nobody left to emit them: do it here, while
+        # the learner (stopped after us) still takes groups.
+        for group in list(self._groups.values()):
+            if not group.open and group.resolved == group.started:
+                await self._finalize(group)
+        self._check_done()
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def _dispatch(self, owner: asyncio.TaskGroup) -> None:
+        while True:
+            while not self._gate.admits(self._version):
+                self._capacity_changed.clear()
+                await self._capacity_changed.wait()
+            task = self._tasks.next_task()
+            if inspect.isawaitable(task):
+                task = await task
+            if task is None:
+                break
+            group = _Group(f"{self.name}-{next(self._group_ids):07d}", task, self._version)
+            self._gate.started += 1
+            self._groups[group.group_id] = group
+            self._open_group = group
+            for index in range(self.config.group_size):
+                await self._slots.acquire()
+                group.started += 1
+                self._started += 1
+                self._episodes_running += 1
+                episode = owner.create_task(self._episode(group), name=f"{group.group_id}/{index}")
+                self._episode_tasks.add(episode)
+                episode.add_done_callback(self._episode_tasks.discard)
+            group.open = False
+            self._open_group = None
+            if group.resolved == group.started:
+                await self._finalize(group)
+        self._dispatching = False
+        log.info("rollout.source_exhausted", groups=self._gate.started)
+        self._check_done()
+
+    # -- one episode ----------------------------------------------------------------------------
+
+    async def _episode(self, group: _Group) -> None:
+        try:
+            reason = await self._run_one(group)
+            self._episodes_running -= 1
+            group.resolved += 1
+            if reason is not None:
+                self._drop(reason)
+            if not group.open and group.resolved == group.started:
+                await self._finalize(group)
+        finally:
+            self._slots.release()
+
+    async def _run_one(self, group: _Group) -> str | None:
+        """Run the episode; its trajectory joins the group, or the drop reason comes back."""
+        try:
+            if self.config.episode_timeout_s is None:
+                trajectory = await self._run_episode(group.task, group.group_id, group.start_version)
+            else:
+                async with asyncio.timeout(self.config.episode_timeout_s):
+                    trajectory = await self._run_episode(group.task, group.group_id, group.start_version)
+        except asyncio.CancelledError:
+            self._episodes_running -= 1
+            group.resolved += 1
+            self._drop("cancelled")
+            raise
+        except TimeoutError:
+            return "timeout"
+        except Exception as exc:  # a bad rollout is data: counted, logged, not a crash
+            log.warning("rollout.episode_failed", group_id=group.group_id, error=repr(exc))
+            return type(exc).__name__
+        if (
+            not isinstance(trajectory, Trajectory)
+            or trajectory.group_id != group.group_id
+            or trajectory.task_id != group.task.task_id
+        ):
+            log.error("rollout.invalid_trajectory", group_id=group.group_id, got=type(trajectory).__name__)
+            return "invalid_trajectory"
+        group.trajectories.append(trajectory)
+        return None
+
+    # -- groups ---------------------------------------------------------------------------------
+
+    async def _finalize(self, group: _Group) -> None:
+        """Emit a fully resolved group, or drop it; exactly once per group."""
+        del self._groups[group.group_id]
+        members = tuple(group.trajectories)
+        group.trajectories.clear()
+        if self._gate.is_stale(group.start_version, self._version):
+            self._drop_group(members, "stale")
+        elif len(members) < self.config.min_group_size:
+            self._drop_group(members, "group_incomplete")
+        else:
+            out = TrajectoryGroup(
+                group_id=group.group_id,
+                task=group.task,
+                start_version=group.start_version,
+                trajectories=members,
+                size=group.started,
+                emitted_version=self._version,
+            )
+            try:
+                await self._sink.send(out)
+            except asyncio.CancelledError:
+                self._drop_group(members, "cancelled")
+                raise
+            except Exception as exc:  # the sink refused (closed): count, never lose silently
+                log.error("rollout.emit_failed", group_id=group.group_id, error=repr(exc))
+                self._drop_group(members, type(exc).__name__)
+            else:
+                self._completed += len(members)
+                self._groups_emitted += 1
+                self._tokens += sum(t.num_model_tokens for t in members)
+                self._staleness[self._version - group.start_version] += 1
+        self._check_done()
+
+    def _drop(self, reason: str, episodes: int = 1) -> None:
+        if episodes:
+            self._dropped[reason] += episodes
+
+    def _drop_group(self, members: tuple[Trajectory, ...], reason: str) -> None:
+        self._drop(reason, len(members))
+        self._groups_dropped += 1
+        self._gate.discarded += 1
+        self._capacity_changed.set()
+
+    def _abandon_unfinished_groups(self) -> None:
+        """On cancellation: finished members of groups that never finalized are dropped."""
+        for group in list(self._groups.values()):
+            self._drop_group(tuple(group.trajectories), "cancelled")
+            group.trajectories.clear()
+        self._groups.clear()
+        self._open_group = None
+
+    def _check_done(self) -> None:
+        if not self._dispatching and not self._groups and self._episodes_running == 0:
+            self._done.set()
+
+
+# --------------------------------------------------------------------------------------------
+# Reference loop
+
+
+@dataclass(frozen=True, slots=True)
+class SynchronousResult:
+    """What ``run_synchronous_batches`` produced."""
+
+    groups: tuple[TrajectoryGroup, ...]
+    """Emitted groups, in batch order."""
+    dropped_by_reason: Mapping[str, int]
+    """Dropped episodes per reason (same reasons as the actor)."""
+    episodes_started: int
+    """Episodes run."""
+
+
+async def run_synchronous_batches(
+    tasks: Iterable[Any],
+    run_episode: EpisodeRunner,
+    *,
+    group_size: int,
+    groups_per_batch: int,
+    min_group_size: int = 2,
+    policy_version: int = 0,
+    group_prefix: str = "sync",
+) -> SynchronousResult:
+    """The reference loop: groups in lock-step batches, each batch waiting for its slowest episode.
+
+    Same grouping and drop rules as ``RolloutActor`` with no staleness (one version); it is what
+    the actor must reproduce (tests compare them) and the synchronous baseline of the benchmark.
+    """
+    specs = list(tasks)
+    groups: list[TrajectoryGroup] = []
+    dropped: Counter[str] = Counter()
+    started = 0
+    for first in range(0, len(specs), groups_per_batch):
+        chunk = specs[first : first + groups_per_batch]
+        batch = [(f"{group_prefix}-{first + i:07d}", spec) for i, spec in enumerate(chunk)]
+        async with asyncio.TaskGroup() as tg:
+            runs = [
+                [tg.create_task(_settle(run_episode(spec, gid, policy_version))) for _ in range(group_size)]
+                for gid, spec in batch
+            ]
+        started += len(batch) * group_size
+        for (gid, spec), members in zip(batch, runs, strict=True):
+            done = []
+            for member in members:
+                outcome = member.result()
+                if isinstance(outcome, Trajectory):
+                    done.append(outcome)
+                else:
+                    dropped[outcome] += 1
+            if len(done) < min_group_size:
+                if done:
+                    dropped["group_incomplete"] += len(done)
+                continue
+            groups.append(TrajectoryGroup(gid, spec, policy_version, tuple(done), group_size, policy_version))
+    return SynchronousResult(tuple(groups), MappingProxyType(dict(dropped)), started)
+
+
+async def _settle(episode: Awaitable[Trajectory]) -> Trajectory | str:
+    """The trajectory, or the drop reason the actor would record."""
+    try:
+        return await episode
+    except Exception as exc:
+        return type(exc).__name__
