@@ -27,7 +27,7 @@ $(SGLANG_CONTRACT):
 	cd .cache/sglang && unzip -o -j -q sglang-0.5.23-*.whl sglang/api/v1/api_types.py
 
 run: setup
-	$(PY) -m envtune.environments.replay
+	$(VENV)/bin/envtune-run
 
 test: setup
 	# One torch thread per process: on 2 cores, two intra-op threads fighting the test runner are 5-10x slower.

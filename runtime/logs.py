@@ -15,6 +15,12 @@ import structlog
 LogFormat = Literal["json", "console"]
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    # Resolve sys.stderr when a logger is made, not when logging is configured: whoever swaps stderr
+    # later (a test runner's capture, a daemon) must not leave structlog writing to a closed file.
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
     """Configure structlog for the whole process (safe to call more than once)."""
     if fmt not in ("json", "console"):
@@ -33,6 +39,6 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )

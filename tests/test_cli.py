@@ -1,0 +1,173 @@
+"""envtune-run and envtune-eval: arguments, config resolution, and one real smoke run of each.
+
+The smoke run is the whole pipeline on the tiny model (embedded engine behind the SGLang-protocol
+server, BFCL episodes, LoRA learner, adapter publishing): one learner step, then a resume from the
+checkpoint that leaves, then an evaluation of the trained adapter. Another run is stopped with
+SIGINT and must still exit cleanly with its folder and report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from envtune.runtime.cli import build_arg_parser, main, resolve_config
+from envtune.runtime.config import Config, load_config
+from envtune.runtime.evaluate import main as eval_main
+from envtune.runtime.run_folder import RunFolder
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Two short stages, tiny groups, short replies: each learner step is a few seconds on 2 cores.
+SMOKE = [
+    "curriculum.stages.*.promotion.max_steps=1",
+    "curriculum.stages.*.max_steps_per_turn=1",
+    "curriculum.validation_every=0",
+    "rollout.group_size=2",
+    "rollout.groups_per_step=1",
+    "rollout.max_in_flight_groups=1",
+    "rollout.max_staleness=0",  # on-policy: no rollout competes with the learner for the 2 cores
+    "rollout.sampling.max_new_tokens=16",
+    "run.checkpoint_every=0",
+    "run.sample_trajectories_every=1",
+    "run.progress_bar=false",
+    "logging.format=json",
+]
+
+
+def test_help_of_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    for entry in (main, eval_main):
+        with pytest.raises(SystemExit) as info:
+            entry(["--help"])
+        assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "envtune-run" in text and "--resume" in text and "--launch-sglang" in text
+    assert "envtune-eval" in text and "--adapter" in text and "--categories" in text
+
+
+def test_installed_console_scripts_answer_help() -> None:
+    for name in ("envtune-run", "envtune-eval"):
+        script = Path(sys.executable).parent / name
+        assert script.exists(), f"{name} is not installed; pip install -e '.[dev]'"
+        done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and name in done.stdout
+
+
+def test_config_resolution() -> None:
+    parser = build_arg_parser()
+    cpu, folder, checkpoint = resolve_config(parser.parse_args([]))
+    assert cpu.engine.kind == "embedded" and cpu.run.name == "cpu-default" and folder is checkpoint is None
+    paper, _, _ = resolve_config(parser.parse_args(["--model", "/m", "--sglang", "http://a:1,http://b:2"]))
+    assert paper.engine.kind == "sglang" and paper.engine.sglang_urls == ("http://a:1", "http://b:2")
+    assert paper.curriculum == Config().curriculum and paper.rollout.group_size == 16
+    launch, _, _ = resolve_config(parser.parse_args(["--model", "/m", "--launch-sglang", "--out", "/tmp/x"]))
+    assert launch.engine.kind == "launch" and launch.run.out_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "rollout.nope=1"], "unknown key 'rollout.nope'"),
+        (["--launch-sglang"], "needs model.path"),
+        (["missing.toml"], "does not exist"),
+        (["x.toml", "--resume"], "--resume uses the run's own config.toml"),
+    ],
+)
+def test_bad_arguments_exit_with_a_clear_message(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_print_config_round_trips(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    main(["--print-config", "--set", "rollout.group_size=3"])
+    path = tmp_path / "printed.toml"
+    path.write_text(capsys.readouterr().out)
+    assert load_config(path).rollout.group_size == 3
+    main(["--list-keys"])
+    assert "curriculum.stages.<n|name|*>.promotion.max_steps" in capsys.readouterr().out
+
+
+def _run(args: list[str], cwd: Path, stderr: Path) -> subprocess.Popen[str]:
+    with stderr.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "envtune.runtime.cli", *args],
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            text=True,
+        )
+
+
+def _steps(folder: Path) -> list[int]:
+    return [r["step"] for r in RunFolder(folder).read_metrics() if "event" not in r]
+
+
+SMOKE_ARGS = [arg for item in SMOKE for arg in ("--set", item)]
+
+
+def test_sigint_stops_cleanly_and_still_reports(tmp_path: Path) -> None:
+    log_path = tmp_path / "stderr.log"
+    process = _run(SMOKE_ARGS, tmp_path, log_path)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if "supervisor.started" in log_path.read_text():
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    err = log_path.read_text()
+    assert process.returncode == 0, err[-3000:]
+    assert "stop_requested" in err and "supervisor.stopped" in err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("runs/") and (tmp_path / last / "report" / "index.html").exists()
+    assert (tmp_path / last / "config.toml").exists()
+
+
+def test_smoke_run_resume_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 1. One learner step of stage 1; the checkpoint is the one written when the run stops.
+    process = _run([*SMOKE_ARGS, "--set", "run.max_steps=1"], tmp_path, tmp_path / "first.log")
+    out, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, (tmp_path / "first.log").read_text()[-3000:]
+    folder = tmp_path / out.strip().splitlines()[-1]  # the contract: the run folder is the last line
+    assert folder.parent == tmp_path / "runs" and _steps(folder) == [1]
+    checkpoint = RunFolder(folder).latest_complete_checkpoint()
+    assert checkpoint is not None and checkpoint.step == 1
+    assert (checkpoint.path / "adapter" / "adapter_config.json").exists()
+    # 2. Resume: step 2 runs in stage 2 (stage 1's budget of one step was spent and promoted).
+    resumed = _run(["--resume", str(folder), "--set", "run.max_steps=2"], tmp_path, tmp_path / "second.log")
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert out.strip().splitlines()[-1] == str(folder)
+    records = RunFolder(folder).read_metrics()
+    steps = [r for r in records if "event" not in r]
+    assert [(r["step"], r["stage_name"]) for r in steps] == [(1, "syntax"), (2, "hints")]
+    assert [r["step"] for r in records if r.get("event") == "promotion"] == [1, 2]
+    assert steps[1]["policy_version"] == 2  # the resumed learner continued from version 1
+    assert RunFolder(folder).latest_complete_checkpoint().step == 2  # type: ignore[union-attr]
+    samples = RunFolder(folder).read_trajectories()
+    assert [s["step"] for s in samples] == [1, 2] and all(s["episode_text"] for s in samples)
+    page = (folder / "report" / "index.html").read_text()
+    assert "rewards.png" in page and "syntax" in page
+    assert (folder / "report" / "rewards.png").read_bytes()[:4] == b"\x89PNG"
+    # 3. Evaluate the trained adapter on one validation task.
+    adapter = RunFolder(folder).latest_complete_checkpoint().path / "adapter"  # type: ignore[union-attr]
+    eval_main(
+        [
+            "--split", "validation", "--categories", "base", "--limit", "1", "--adapter", str(adapter),
+            "--max-steps-per-turn", "1", "--max-new-tokens", "16", "--no-results", "--log-format", "json",
+        ]
+    )  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 1 and set(result["categories"]) == {"base"}
+    assert 0.0 <= result["overall_accuracy"] <= 1.0 and result["errors"] == 0
