@@ -578,6 +578,19 @@ def main() -> None:
     ]
     # Two lanes on two cores: the largest level alone; the cross-check and the small levels beside it.
     big = start_job(jobs[-1])
+    try:
+        figures = run_levels(args, jobs, big, replay_waves)
+    finally:
+        if big.poll() is None:  # a failed level must not leave the largest one running unowned
+            big.kill()
+            big.wait()
+    report_lag(figures, lag_s=2.0 if args.quick else 5.0)
+    print(json.dumps(figures))
+
+
+def run_levels(args: argparse.Namespace, jobs: list[dict[str, Any]], big: subprocess.Popen[str],
+               replay_waves: int) -> dict[str, Any]:
+    """Run the cross-check and every concurrency level (the largest is already running as ``big``)."""
     figures: dict[str, Any] = {}
     if args.clock == "virtual":
         # The CPU-charged virtual clock against the wall clock, on a level whose latencies are short
@@ -628,7 +641,10 @@ def main() -> None:
             "gc_s": round(res["gc_s"], 1),
             "clock": args.clock,
         })
-    lag_s = 2.0 if args.quick else 5.0
+    return figures
+
+
+def report_lag(figures: dict[str, Any], lag_s: float) -> None:
     lag = loop_lag(seconds=lag_s, size=1024)  # one matmul takes far longer than the lag allowed
     print(f"event-loop lag, torch matmuls in a worker thread: max {lag['thread_max_lag_ms']:.2f} ms, "
           f"p99 {lag['thread_p99_lag_ms']:.2f} ms ({lag['thread_matmuls']} matmuls of 1024x1024, "
@@ -639,7 +655,6 @@ def main() -> None:
     figures["loop_lag_p99_ms_torch_thread"] = round(lag["thread_p99_lag_ms"], 2)
     figures["loop_lag_ms_idle"] = round(lag["idle_max_lag_ms"], 2)
     figures["loop_lag_ms_torch_on_loop"] = round(lag["on_loop_max_lag_ms"], 1)
-    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
