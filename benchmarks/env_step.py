@@ -76,7 +76,7 @@ def run_envtune_scoring(env: BfclEnvironment, tasks: list[Task]) -> tuple[float,
     for task in tasks:
         instances = build_instances(task)
         dispatcher = Dispatcher(
-            instances, ((d.name, d.class_name) for d in class_function_docs(task.involved_classes))
+            instances, {d.name: d.class_name for d in class_function_docs(task.involved_classes)}
         )
         scorer = TurnScorer(env.ground_truth.get(task), instances)
         for turn, calls in enumerate(ground_truth_calls(task)):

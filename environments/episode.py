@@ -17,7 +17,13 @@ from envtune.environments.ground_truth import GroundTruthCache, GroundTruthTrace
 from envtune.environments.instances import ERROR_PREFIX, Dispatcher, build_instances
 from envtune.environments.schemas import validate_call
 from envtune.environments.scoring import TurnScorer
-from envtune.environments.tasks import Task, load_function_docs, load_tasks, visible_docs
+from envtune.environments.tasks import (
+    Task,
+    load_function_docs,
+    load_tasks,
+    visible_docs,
+    visible_function_classes,
+)
 from envtune.environments.tool_calls import FormatError, ParsedReply, parse_reply
 from envtune.environments.types import (
     CallOutcome,
@@ -69,11 +75,12 @@ class Episode:
         self.config = config
         self._trace = trace
         self._instances = build_instances(task)
-        self._visible: dict[str, FunctionDoc] = dict(
-            visible_docs(task.involved_classes, task.hidden_functions(0))
+        # Shared, read-only maps from the cache; an episode copies them only when it reveals a function.
+        self._visible: Mapping[str, FunctionDoc] = visible_docs(
+            task.involved_classes, task.hidden_functions(0)
         )
         self._dispatcher = Dispatcher(
-            self._instances, ((d.name, d.class_name) for d in self._visible.values())
+            self._instances, visible_function_classes(task.involved_classes, task.hidden_functions(0))
         )
         self._scorer = TurnScorer(trace, self._instances)
         self._turn = -1
@@ -171,7 +178,7 @@ class Episode:
             if name in self._visible or name in hidden:
                 continue
             doc = docs[name]
-            self._visible[name] = doc
+            self._visible = {**self._visible, name: doc}
             self._dispatcher.allow(name, doc.class_name)
             revealed.append(doc)
         return tuple(revealed)

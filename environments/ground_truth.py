@@ -76,11 +76,7 @@ def compute_trace(task: Task) -> GroundTruthTrace:
     instances = build_instances(task)
     dispatcher = Dispatcher(
         instances,
-        (
-            (method, class_name)
-            for class_name in task.involved_classes
-            for method in public_methods(class_name)
-        ),
+        {method: class_name for class_name in task.involved_classes for method in public_methods(class_name)},
     )
     positional = positional_names_for(task)
     previous = {name: copy.deepcopy(state_of(inst)) for name, inst in instances.items()}

@@ -12,7 +12,7 @@ import functools
 import importlib
 import inspect
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from envtune.environments.tasks import Task
@@ -103,19 +103,23 @@ class Dispatcher:
 
     __slots__ = ("_classes", "_instances")
 
-    def __init__(self, instances: Mapping[str, Any], visible: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, instances: Mapping[str, Any], visible: Mapping[str, str]) -> None:
+        """``visible``: function name -> class name; shared read-only, copied only when extended."""
         self._instances = instances
-        self._classes: dict[str, str] = {}
-        for function_name, class_name in visible:
-            self.allow(function_name, class_name)
+        self._classes = visible
+        for function_name, class_name in visible.items():
+            self._check(function_name, class_name)
 
-    def allow(self, function_name: str, class_name: str) -> None:
-        """Make a documented public method callable (used when a missed function is revealed)."""
+    def _check(self, function_name: str, class_name: str) -> None:
         if class_name not in self._instances:
             raise KeyError(f"class {class_name!r} is not part of this episode")
         if function_name not in public_methods(class_name):
             raise KeyError(f"{class_name} has no public method {function_name!r}")
-        self._classes[function_name] = class_name
+
+    def allow(self, function_name: str, class_name: str) -> None:
+        """Make a documented public method callable (used when a missed function is revealed)."""
+        self._check(function_name, class_name)
+        self._classes = {**self._classes, function_name: class_name}
 
     def __contains__(self, function_name: str) -> bool:
         return function_name in self._classes

@@ -36,20 +36,21 @@ _RESOURCEFUL = """\
 
 
 def tool_listing(tools: Sequence[FunctionDoc]) -> str:
-    """One JSON line per tool; BFCL's registered docs are immutable, so each is encoded once."""
+    """One JSON line per tool; BFCL's registered docs are immutable, so a listing is encoded once."""
     registry = load_function_docs()
-    return "\n".join(
-        _registered_doc_line(doc.name) if registry.get(doc.name) is doc else _doc_line(doc) for doc in tools
-    )
+    if all(registry.get(doc.name) is doc for doc in tools):
+        return _registered_listing(tuple(doc.name for doc in tools))
+    return "\n".join(_doc_line(doc) for doc in tools)
+
+
+@functools.lru_cache(maxsize=4096)
+def _registered_listing(names: tuple[str, ...]) -> str:
+    registry = load_function_docs()
+    return "\n".join(_doc_line(registry[name]) for name in names)
 
 
 def _doc_line(doc: FunctionDoc) -> str:
     return json.dumps(doc.to_json(), ensure_ascii=False)
-
-
-@functools.cache
-def _registered_doc_line(name: str) -> str:
-    return _doc_line(load_function_docs()[name])
 
 
 def system_prompt(style: PromptStyle, tools: Sequence[FunctionDoc]) -> str:

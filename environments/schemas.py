@@ -25,23 +25,27 @@ from envtune.environments.types import FunctionDoc, ToolCall
 MAX_LISTED_FUNCTIONS = 12
 """How many available function names an unknown-function hint lists when none is close."""
 
-_TYPE_NAMES: Mapping[str, str] = MappingProxyType({
-    "string": "string",
-    "integer": "integer",
-    "float": "float",
-    "boolean": "boolean",
-    "array": "array",
-    "tuple": "array",
-    "dict": "dict",
-    "any": "any value",
-})
-_EXAMPLES: Mapping[str, Any] = MappingProxyType({
-    "string": "text",
-    "integer": 3,
-    "float": 1.5,
-    "boolean": True,
-    "any": "text",
-})
+_TYPE_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        "string": "string",
+        "integer": "integer",
+        "float": "float",
+        "boolean": "boolean",
+        "array": "array",
+        "tuple": "array",
+        "dict": "dict",
+        "any": "any value",
+    }
+)
+_EXAMPLES: Mapping[str, Any] = MappingProxyType(
+    {
+        "string": "text",
+        "integer": 3,
+        "float": 1.5,
+        "boolean": True,
+        "any": "text",
+    }
+)
 _NONE_DEFAULTS = (None, "None")
 """BFCL renders a Python default of None as the string "None" in its docs."""
 
@@ -287,6 +291,39 @@ def _unknown_function(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> Cal
     )
 
 
+_PLAIN_TYPES: Mapping[str, tuple[type, ...]] = MappingProxyType(
+    {"string": (str,), "integer": (int,), "float": (int, float), "boolean": (bool,)}
+)
+"""Scalar schema types whose check is ``type(value) in ...`` (exact types: a bool is no int here)."""
+
+
+def _plainly_valid(call: ToolCall, doc: FunctionDoc) -> bool:
+    """The common case in a few dict operations: known keys, required present, plain scalar types.
+
+    True only when the full check would find nothing; anything else (arrays, dicts, enums, ids given
+    as strings, None for optional parameters) is left to the full check and its precise message.
+    """
+    parameters = doc.parameters
+    if type(parameters) is not dict or type(call.arguments) is not dict:
+        return False
+    properties = parameters.get("properties", {})
+    required = parameters.get("required", ())
+    arguments = call.arguments
+    if type(properties) is not dict or type(required) is not list:
+        return False
+    for key in required:
+        if key not in arguments:
+            return False
+    for key, value in arguments.items():
+        schema = properties.get(key)
+        if type(schema) is not dict or "enum" in schema:
+            return False
+        plain = _PLAIN_TYPES.get(schema.get("type"))  # type: ignore[arg-type]
+        if plain is None or type(value) not in plain:
+            return False
+    return True
+
+
 def validate_call(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> CallIssue | None:
     """The first problem of ``call`` against the visible docs, or None when it fits them.
 
@@ -297,6 +334,8 @@ def validate_call(call: ToolCall, visible: Mapping[str, FunctionDoc]) -> CallIss
     doc = visible.get(call.name) if isinstance(call.name, str) else None
     if doc is None:
         return _unknown_function(call, visible)
+    if _plainly_valid(call, doc):
+        return None
     name = doc.name
     properties = _properties(doc)
     arguments: Mapping[Any, Any] = call.arguments if isinstance(call.arguments, Mapping) else {}

@@ -216,6 +216,12 @@ def visible_docs(class_names: tuple[str, ...], hidden: frozenset[str]) -> Mappin
     )
 
 
+@functools.cache
+def visible_function_classes(class_names: tuple[str, ...], hidden: frozenset[str]) -> Mapping[str, str]:
+    """Name -> class name of every visible function (the episode's dispatch whitelist, shared)."""
+    return MappingProxyType({name: doc.class_name for name, doc in visible_docs(class_names, hidden).items()})
+
+
 # --- the split --------------------------------------------------------------------------------
 
 

@@ -1,0 +1,134 @@
+"""A learnability probe: the user names one of a few tools, and the reward is calling exactly that one.
+
+One turn, one reply. The system prompt lists ``K`` argument-free tools with short, distinct names;
+the user message names one of them. The reply is parsed with the real ``parse_reply`` and scored
+with the real records: reward 1 when its ``<tool_call>`` holds exactly one call, to the named tool
+(with no arguments), else 0. Nothing is executed. A tiny random model starts near 1/K and can learn
+the mapping from prompt to name within minutes, so a training loop that does not raise this reward
+is broken: that is the probe's whole purpose (``tests/test_learning_e2e.py``).
+
+It has the episode API of ``envtune.environments.Episode`` (``start``, ``visible_tools``, ``step``,
+``score``, ``done``, ``close``). Deliberately left out: multiple turns, feedback, anything of BFCL's.
+A format error ends the episode too (BFCL would let the model retry within the turn).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from envtune.environments.tool_calls import FormatError, parse_reply
+from envtune.environments.types import (
+    CallOutcome,
+    EpisodeScore,
+    FunctionDoc,
+    Message,
+    StepCode,
+    StepResult,
+)
+
+TOY_TOOLS: tuple[str, ...] = ("cd", "ls", "mv", "sort")
+"""Default tool names: one token each in the tiny model's tokenizer, no two with the same first letter."""
+
+_PHRASINGS: tuple[str, ...] = ("Call {name}.", "Use {name}.", "Run {name} now.")
+"""User messages; ``{name}`` is the tool to call."""
+
+
+class EpisodeOverError(RuntimeError):
+    """``step`` after the episode ended, or before ``start``."""
+
+
+def toy_function_docs(names: Sequence[str] = TOY_TOOLS) -> tuple[FunctionDoc, ...]:
+    """Docs of argument-free tools with these names."""
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"tool names must be distinct and non-empty, got {names!r}")
+    return tuple(
+        FunctionDoc(
+            name=name,
+            class_name="ToyTools",
+            description=f"The tool called {name}.",
+            parameters={"type": "dict", "properties": {}, "required": []},
+        )
+        for name in names
+    )
+
+
+def system_prompt(names: Sequence[str]) -> str:
+    """Short on purpose: a tiny model's prompt tokens are most of the probe's cost, and every prompt
+    token dilutes its random attention to the one token that differs between prompts (the name)."""
+    return (
+        f"Tools: {', '.join(names)}. Call the one the user names: "
+        '<think></think><tool_call>[{"name": "...", "arguments": {}}]</tool_call>'
+    )
+
+
+class NamedToolEpisode:
+    """One episode of the probe; ``seed`` picks the named tool (``seed % K``) and the phrasing."""
+
+    def __init__(self, seed: int, names: Sequence[str] = TOY_TOOLS, *, require_think: bool = True) -> None:
+        self._tools = toy_function_docs(names)
+        self.target = self._tools[seed % len(self._tools)].name
+        """The tool the user names."""
+        self._question = _PHRASINGS[(seed // len(self._tools)) % len(_PHRASINGS)].format(name=self.target)
+        self._require_think = require_think
+        self._started = False
+        self._code: StepCode | None = None
+        self._formatted = False
+        self._called = False
+
+    @property
+    def done(self) -> bool:
+        return self._code is not None
+
+    def start(self) -> tuple[Message, ...]:
+        self._started = True
+        return (
+            Message("system", system_prompt([t.name for t in self._tools])),
+            Message("user", self._question),
+        )
+
+    def visible_tools(self) -> tuple[FunctionDoc, ...]:
+        return self._tools
+
+    def step(self, reply: str | bytes) -> StepResult:
+        if not self._started or self.done:
+            raise EpisodeOverError("step() needs a started episode that is not over")
+        try:
+            parsed = parse_reply(reply, require_think=self._require_think)
+        except FormatError as exc:
+            self._code = StepCode.FORMAT_ERROR
+            return StepResult(
+                code=self._code, observation=(), turn_ended=True, done=True, turn_index=0, error=str(exc)
+            )
+        self._formatted = True
+        self._called = parsed.kind == "tool_call"
+        outcomes = tuple(
+            CallOutcome(
+                call=call,
+                executed=False,
+                ok=call.name == self.target and not call.arguments,
+                result="ok" if call.name == self.target else f"Error: the user named {self.target}",
+            )
+            for call in parsed.calls
+        )
+        passed = len(outcomes) == 1 and outcomes[0].ok
+        self._code = StepCode.TURN_PASS if passed else StepCode.TURN_FAIL
+        return StepResult(
+            code=self._code, observation=(), turn_ended=True, done=True, turn_index=0, calls=outcomes
+        )
+
+    def score(self) -> EpisodeScore:
+        passed = self._code is StepCode.TURN_PASS
+        reward = 1.0 if passed else 0.0
+        format_reward = 1.0 if self._formatted else 0.0
+        return EpisodeScore(
+            turn_passed=(passed,),
+            progress=reward,
+            format_reward=format_reward,
+            tool_reward=reward,
+            stage1_reward=format_reward + reward if self._called else 0.0,
+            step_codes=() if self._code is None else (int(self._code),),
+            turns_reached=1 if self._started else 0,
+        )
+
+    def close(self) -> None:
+        """Nothing to release (the BFCL episode's API has it)."""
