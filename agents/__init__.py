@@ -5,6 +5,7 @@ from envtune.agents.config import AgentConfig, RewardKind
 from envtune.agents.episode_loop import EpisodeLike, run_episode, run_episode_sync
 from envtune.agents.grammar import (
     ConstraintCache,
+    GrammarOptions,
     SchemaError,
     bfcl_to_json_schema,
     reply_constraint,
@@ -19,6 +20,7 @@ __all__ = [
     "ChatTokenizer",
     "ConstraintCache",
     "EpisodeLike",
+    "GrammarOptions",
     "RewardKind",
     "SchemaError",
     "Trajectory",

@@ -131,13 +131,17 @@ class ChatTokenizer:
             return ()
         return (self.end_of_turn_id,)
 
-    def decode_reply(self, sampled_ids: Sequence[int]) -> str:
-        """The reply text the environment parses: the sampled ids minus the closing end-of-turn.
+    def decode_reply(self, sampled_ids: Sequence[int], *, stopped: bool = False) -> str:
+        """The reply text the environment parses: the sampled ids minus their terminator.
 
-        Special tokens elsewhere are kept, so a reply that emits them is judged as written.
+        The terminator is the closing end-of-turn, or, when the engine reports that the reply ended
+        on a stop token (``stopped``), that last token whatever it is: a model may end a turn with
+        another EOS of its generation config (Qwen's ``<|endoftext|>``), and the engine keeps the
+        matched stop token in its output. Special tokens elsewhere are kept, so a reply that emits
+        them is judged as written.
         """
         ids = list(sampled_ids)
-        if ids and ids[-1] == self.end_of_turn_id:
+        if ids and (stopped or ids[-1] == self.end_of_turn_id):
             ids.pop()
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 

@@ -187,7 +187,8 @@ async def run_episode(
         )
         completion = single_completion(await engine.generate(request))
         buffer.add_sampled(completion)
-        result = episode.step(chat.decode_reply(completion.token_ids))
+        stopped = completion.finish_reason is FinishReason.STOP
+        result = episode.step(chat.decode_reply(completion.token_ids, stopped=stopped))
         if result.done:
             truncated = False
             break
@@ -256,7 +257,9 @@ def run_episode_sync(
         mask += [True] * len(reply.token_ids)
         logprobs += reply.logprobs
         versions += [reply.policy_version] * len(reply.token_ids)
-        result = episode.step(chat.decode_reply(reply.token_ids))
+        result = episode.step(
+            chat.decode_reply(reply.token_ids, stopped=reply.finish_reason is FinishReason.STOP)
+        )
         if result.done:
             truncated = False
             break

@@ -11,7 +11,13 @@ keys, no unknown keys, keys in any order). Free text may not contain ``<`` follo
 or ``<``, so no tag can open inside it: the environment's parser then sees exactly one think block
 and one action block. The grammar is EBNF text as xgrammar prints it (SGLang's ``ebnf`` sampling
 parameter and the embedded engine both compile it with xgrammar); the JSON part is xgrammar's own
-JSON-schema conversion, so escapes and numbers follow JSON exactly.
+JSON-schema conversion, so escapes and numbers follow JSON exactly. One gap, xgrammar 0.2.8's: with
+keys in any order a key may repeat (and then a required one may be missing), which the parser
+refuses; ``GrammarOptions.any_order=False`` closes it at the price of a fixed key order.
+
+``GrammarOptions`` narrows the grammar for probes and tiny models (its defaults give the grammar
+above): a bounded think block (a random model rarely closes a free one), no answer branch, fewer
+calls per block, no free whitespace, keys in schema order.
 
 Left out: semantic checks (a value that type-checks but is wrong is the environment's business), and
 JSON string values that themselves contain tag text (allowed by JSON, refused by the parser; rare).
@@ -23,6 +29,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import xgrammar
@@ -89,10 +96,18 @@ def bfcl_to_json_schema(schema: Mapping[str, Any], where: str = "parameters") ->
     return out
 
 
-def tool_calls_json_schema(tools: Sequence[FunctionDoc]) -> dict[str, Any]:
-    """JSON Schema of the ``<tool_call>`` body: a non-empty array of calls of the visible tools."""
+def _check_max_calls(max_calls: int) -> None:
+    if not 1 <= max_calls <= MAX_CALLS_PER_REPLY:
+        raise ValueError(f"max_calls must be in [1, {MAX_CALLS_PER_REPLY}], got {max_calls}")
+
+
+def tool_calls_json_schema(
+    tools: Sequence[FunctionDoc], *, max_calls: int = MAX_CALLS_PER_REPLY
+) -> dict[str, Any]:
+    """JSON Schema of the ``<tool_call>`` body: 1 to ``max_calls`` calls of the visible tools."""
     if not tools:
         raise ValueError("a tool-call grammar needs at least one visible tool")
+    _check_max_calls(max_calls)
     cases = [
         {
             "type": "object",
@@ -109,36 +124,83 @@ def tool_calls_json_schema(tools: Sequence[FunctionDoc]) -> dict[str, Any]:
         "type": "array",
         "items": cases[0] if len(cases) == 1 else {"anyOf": cases},
         "minItems": 1,
-        "maxItems": MAX_CALLS_PER_REPLY,
+        "maxItems": max_calls,
     }
 
 
-def reply_grammar(tools: Sequence[FunctionDoc]) -> str:
+@dataclass(frozen=True, slots=True)
+class GrammarOptions:
+    """How much of the reply format a grammar allows; the defaults allow all of it."""
+
+    max_think_chars: int | None = None
+    """None: free think text. Otherwise at most this many characters, none of them ``<`` (so the
+    bound is exact in characters); 0 forces ``<think></think>``."""
+    allow_answer: bool = True
+    """False leaves only the ``<tool_call>`` branch (needs at least one visible tool)."""
+    max_calls: int = MAX_CALLS_PER_REPLY
+    """Most calls one ``<tool_call>`` block may hold, in ``[1, MAX_CALLS_PER_REPLY]``."""
+    any_whitespace: bool = True
+    """False: no whitespace between blocks and one spacing of the JSON (xgrammar's separators
+    ``", "`` and ``": "``), so a random model cannot spend its tokens on padding."""
+    any_order: bool = True
+    """Object keys in any order. xgrammar 0.2.8 then also accepts repeated keys (and objects missing
+    a required key when the object has two or more), which the environment's parser refuses; False
+    pins keys to schema order (``name`` then ``arguments``; arguments in the doc's order) and the
+    grammar then admits only replies that parse."""
+
+    def __post_init__(self) -> None:
+        if self.max_think_chars is not None and self.max_think_chars < 0:
+            raise ValueError(f"max_think_chars must be >= 0 or None, got {self.max_think_chars}")
+        _check_max_calls(self.max_calls)
+
+
+DEFAULT_OPTIONS = GrammarOptions()
+"""The full paper format."""
+
+
+def _think_text(max_think_chars: int | None) -> str:
+    """EBNF of the think text: free text, or at most ``max_think_chars`` characters without ``<``."""
+    if max_think_chars is None:
+        return _FREE_TEXT
+    if max_think_chars == 0:
+        return 'root ::= ""'
+    return f"root ::= [^<]{{0,{max_think_chars}}}"
+
+
+def reply_grammar(tools: Sequence[FunctionDoc], options: GrammarOptions = DEFAULT_OPTIONS) -> str:
     """EBNF (xgrammar dialect) of a whole reply for these visible tools; see the module docstring.
 
-    With no visible tools, only the answer format is allowed.
+    With no visible tools, only the answer format is allowed (so ``allow_answer=False`` then is an
+    error: no reply would be possible).
     """
+    if not tools and not options.allow_answer:
+        raise ValueError("allow_answer=False needs at least one visible tool")
 
     def lit(text: str) -> xgrammar.Grammar:
         return xgrammar.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
 
-    free, ws = xgrammar.Grammar.from_ebnf(_FREE_TEXT), xgrammar.Grammar.from_ebnf(_WS)
-    think = xgrammar.Grammar.concat(lit("<think>"), free, lit("</think>"))
+    free = xgrammar.Grammar.from_ebnf(_FREE_TEXT)
+    ws = xgrammar.Grammar.from_ebnf(_WS if options.any_whitespace else 'root ::= ""')
+    think_text = xgrammar.Grammar.from_ebnf(_think_text(options.max_think_chars))
+    think = xgrammar.Grammar.concat(lit("<think>"), think_text, lit("</think>"))
     answer = xgrammar.Grammar.concat(lit("<answer>"), free, lit("</answer>"))
     action = answer
     if tools:
         calls = xgrammar.Grammar.from_json_schema(
-            json.dumps(tool_calls_json_schema(tools)), any_whitespace=True, strict_mode=True, any_order=True,
-            max_whitespace_cnt=8,
+            json.dumps(tool_calls_json_schema(tools, max_calls=options.max_calls)),
+            any_whitespace=options.any_whitespace,
+            strict_mode=True,
+            any_order=options.any_order,
+            max_whitespace_cnt=8 if options.any_whitespace else None,
         )
         tool_call = xgrammar.Grammar.concat(lit("<tool_call>"), ws, calls, ws, lit("</tool_call>"))
-        action = xgrammar.Grammar.union(tool_call, answer)
+        action = xgrammar.Grammar.union(tool_call, answer) if options.allow_answer else tool_call
     return str(xgrammar.Grammar.concat(think, ws, action))
 
 
-def reply_constraint(tools: Sequence[FunctionDoc]) -> Constraint:
+def reply_constraint(tools: Sequence[FunctionDoc], options: GrammarOptions = DEFAULT_OPTIONS) -> Constraint:
     """The engine constraint for a reply with these visible tools."""
-    return Constraint(kind=ConstraintKind.EBNF, grammar=reply_grammar(tools))
+    return Constraint(kind=ConstraintKind.EBNF, grammar=reply_grammar(tools, options))
 
 
 def _tools_key(tools: Sequence[FunctionDoc]) -> tuple[tuple[str, ...], str]:
@@ -152,13 +214,16 @@ class ConstraintCache:
     """Reply constraints by visible tool set, least recently used dropped past ``max_entries``.
 
     BFCL has few distinct tool sets (one per class combination, plus revealed functions), so a
-    runtime can share one cache across all its episodes; building one costs milliseconds.
+    runtime can share one cache across all its episodes; building one costs milliseconds. One cache
+    builds with one ``GrammarOptions``.
     """
 
-    def __init__(self, max_entries: int = 256) -> None:
+    def __init__(self, max_entries: int = 256, options: GrammarOptions = DEFAULT_OPTIONS) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
+        self.options = options
+        """The grammar options of every constraint this cache builds."""
         self._entries: OrderedDict[tuple[tuple[str, ...], str], Constraint] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -172,7 +237,7 @@ class ConstraintCache:
             self._entries.move_to_end(key)
             return found
         self.misses += 1
-        constraint = reply_constraint(tools)
+        constraint = reply_constraint(tools, self.options)
         self._entries[key] = constraint
         if len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

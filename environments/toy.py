@@ -3,9 +3,11 @@
 One turn, one reply. The system prompt lists ``K`` argument-free tools with short, distinct names;
 the user message names one of them. The reply is parsed with the real ``parse_reply`` and scored
 with the real records: reward 1 when its ``<tool_call>`` holds exactly one call, to the named tool
-(with no arguments), else 0. Nothing is executed. A tiny random model starts near 1/K and can learn
-the mapping from prompt to name within minutes, so a training loop that does not raise this reward
-is broken: that is the probe's whole purpose (``tests/test_learning_e2e.py``).
+(with no arguments), else 0. Nothing is executed. A random model calls the named tool about 1/K of
+the time; when every prompt names the same tool, a working training loop raises the reward past
+0.5 in about ten steps on CPU, so one that does not is broken: that is the probe's whole purpose
+(``tests/test_learning_e2e.py``). Prompts that name different tools also test that the policy reads
+the prompt, a slower lesson for a random model (the name is one token among dozens).
 
 It has the episode API of ``envtune.environments.Episode`` (``start``, ``visible_tools``, ``step``,
 ``score``, ``done``, ``close``). Deliberately left out: multiple turns, feedback, anything of BFCL's.
