@@ -132,7 +132,7 @@ class StandInChat:
     def missing_end_of_turn(self, sampled_ids: Sequence[int]) -> tuple[int, ...]:
         return () if sampled_ids and sampled_ids[-1] == EOT else (EOT,)
 
-    def decode_reply(self, sampled_ids: Sequence[int]) -> str:
+    def decode_reply(self, sampled_ids: Sequence[int], *, stopped: bool = False) -> str:
         return self._table.texts[sampled_ids[0] - KEY_BASE]
 
 
