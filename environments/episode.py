@@ -76,11 +76,10 @@ class Episode:
         self._trace = trace
         self._instances = build_instances(task)
         # Shared, read-only maps from the cache; an episode copies them only when it reveals a function.
-        self._visible: Mapping[str, FunctionDoc] = visible_docs(
-            task.involved_classes, task.hidden_functions(0)
-        )
+        hidden = task.hidden_functions(0)
+        self._visible: Mapping[str, FunctionDoc] = visible_docs(task.involved_classes, hidden)
         self._dispatcher = Dispatcher(
-            self._instances, visible_function_classes(task.involved_classes, task.hidden_functions(0))
+            self._instances, visible_function_classes(task.involved_classes, hidden)
         )
         self._scorer = TurnScorer(trace, self._instances)
         self._turn = -1
