@@ -7,10 +7,18 @@ truncates it), so prefill cost is realistic for the CPU default run.
 
 Also: eight concurrent 3-turn episodes with and without the per-episode KV cache (``affinity_key``).
 
-Ends with one JSON line: ``{"batch1_tok_s", "batch16_tok_s", "speedup", "http_batch16_tok_s",
-"http_over_direct", "prefix_cache_speedup", ...}``.
+Multi-turn episodes, concurrent vs one at a time (what ``rollout.max_concurrent_episodes`` trades):
+``--episodes`` episodes, two per GRPO group (same task, same affinity key, as the episode loop keys
+them), each a full BFCL prompt (system prompt with the tools' JSON + first question, 2-5k tokens)
+followed by ``--turns`` turns of (sample up to 40 tokens, append 100-300 tokens of tool feedback
+rendered with the chat template). Baseline: the same episodes run one after another on the same
+engine, prefix cache flushed in between.
 
-    python benchmarks/engine_throughput.py [--model PATH] [--max-new-tokens 64] [--prompt-tokens 1024]
+Ends with one JSON line: ``{"batch1_tok_s", "batch16_tok_s", "speedup", "http_batch16_tok_s",
+"http_over_direct", "prefix_cache_speedup", "concurrent_vs_sequential_ratio", ...}``.
+
+    python benchmarks/engine_throughput.py [--quick] [--model PATH] [--max-new-tokens 64]
+        [--prompt-tokens 1024] [--episodes 8] [--turns 4]
 """
 
 from __future__ import annotations
@@ -72,6 +80,58 @@ async def episodes(engine: EmbeddedEngine, prompt: tuple[int, ...], use_affinity
     return time.perf_counter() - start
 
 
+def episode_prompts(engine: EmbeddedEngine, groups: int) -> list[tuple[tuple[int, ...], str]]:
+    """One full BFCL prompt (tools JSON + first question) per group, and the task's state as JSON text."""
+    prompts = []
+    for task in list(load_tasks().values())[:groups]:
+        tools = json.dumps([doc.to_json() for doc in class_function_docs(task.involved_classes)])
+        messages = [
+            {"role": "system", "content": f"You can call these tools:\n{tools}"},
+            {"role": "user", "content": task.questions[0][0]},
+        ]
+        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        prompts.append((tuple(ids), " ".join(task.config_json.values())))
+    return prompts
+
+
+def feedback_ids(engine: EmbeddedEngine, state: str, turn: int) -> tuple[int, ...]:
+    """A tool message of 100-300 tokens (a slice of the task's state JSON) rendered by the chat template."""
+    target = 100 + (73 * turn) % 200
+    state_ids = engine.tokenizer.encode(state * (1 + 8 * target // max(len(state), 1)))
+    messages = [{"role": "tool", "content": engine.tokenizer.decode(state_ids[:target])}]
+    return tuple(engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+
+
+async def multi_turn(
+    engine: EmbeddedEngine, prompts: list[tuple[tuple[int, ...], str]], turns: int, concurrent: bool
+) -> tuple[float, int]:
+    """Two episodes per group prompt, concurrently or one at a time; (seconds, sampled tokens)."""
+    await engine.flush_cache()
+
+    async def episode(group: int, member: int) -> int:
+        history, state = prompts[group]
+        sampled = 0
+        for turn in range(turns):
+            seed = 1000 * group + 10 * member + turn
+            sampling = SamplingParams(max_new_tokens=40, temperature=1.0, seed=seed)
+            request = GenerateRequest(history, sampling, affinity_key=f"group-{group}")
+            reply = (await engine.generate(request))[0]
+            sampled += len(reply.token_ids)
+            if turn + 1 < turns:
+                history = history + reply.token_ids + feedback_ids(engine, state, turn + member)
+        return sampled
+
+    members = [(group, member) for group in range(len(prompts)) for member in range(2)]
+    start = time.perf_counter()
+    if concurrent:
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(episode(group, member)) for group, member in members]
+        sampled = sum(task.result() for task in running)
+    else:
+        sampled = sum([await episode(group, member) for group, member in members])
+    return time.perf_counter() - start, sampled
+
+
 async def main(args: argparse.Namespace) -> dict[str, float]:
     engine = await EmbeddedEngine.open(EmbeddedEngineConfig(model_path=args.model, max_batch_rows=16))
     try:
@@ -89,6 +149,9 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         t16, n16 = await timed(engine, requests(16, 100), concurrent=True)
         cold = await episodes(engine, prompt, use_affinity=False)
         warm = await episodes(engine, prompt, use_affinity=True)
+        groups = episode_prompts(engine, max(1, args.episodes // 2))
+        t_seq, n_seq = await multi_turn(engine, groups, args.turns, concurrent=False)
+        t_con, n_con = await multi_turn(engine, groups, args.turns, concurrent=True)
         server = SGLangProtocolServer(engine)
         await server.start()
         try:
@@ -105,6 +168,15 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
     print(f"batch 16 (concurrent):        {n16} tokens in {t16:.2f}s = {batch16:.0f} tok/s")
     print(f"batch 16 over HTTP (client):  {nh} tokens in {th:.2f}s = {http16:.0f} tok/s")
     print(f"8 episodes x 3 turns: {cold:.2f}s without the episode KV cache, {warm:.2f}s with it")
+    count = 2 * len(groups)
+    lengths = sorted(len(history) for history, _ in groups)
+    print(f"multi-turn: {count} episodes x {args.turns} turns, prompts {lengths[0]}-{lengths[-1]} tokens")
+    for name, seconds, tokens in (("one at a time", t_seq, n_seq), ("concurrent", t_con, n_con)):
+        print(
+            f"  {name:14s} {seconds:6.2f}s  {tokens / seconds:6.1f} tok/s  {count / seconds:5.2f} episodes/s"
+        )
+    ratio = t_seq / t_con
+    print(f"  concurrent / one at a time (episodes/s): {ratio:.2f}")
     return {
         "prompt_tokens": len(prompt),
         "max_new_tokens": args.max_new_tokens,
@@ -116,6 +188,12 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
         "episodes_s_no_prefix_cache": round(cold, 2),
         "episodes_s_prefix_cache": round(warm, 2),
         "prefix_cache_speedup": round(cold / warm, 2),
+        "multi_turn_episodes": count,
+        "sequential_episodes_s": round(count / t_seq, 3),
+        "concurrent_episodes_s": round(count / t_con, 3),
+        "sequential_tok_s": round(n_seq / t_seq, 1),
+        "concurrent_tok_s": round(n_con / t_con, 1),
+        "concurrent_vs_sequential_ratio": round(ratio, 2),
     }
 
 
@@ -125,5 +203,11 @@ if __name__ == "__main__":
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=1024)
     parser.add_argument("--sequential", type=int, default=4)
-    figures = asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--episodes", type=int, default=8, help="multi-turn episodes (two per group)")
+    parser.add_argument("--turns", type=int, default=4, help="turns per multi-turn episode")
+    parser.add_argument("--quick", action="store_true", help="smaller run (under ~2 minutes on 2 cores)")
+    arguments = parser.parse_args()
+    if arguments.quick:  # the multi-turn scenario keeps its size: it is the one that needs it
+        arguments.max_new_tokens, arguments.sequential = 32, 2
+    figures = asyncio.run(main(arguments))
     print(json.dumps(figures))

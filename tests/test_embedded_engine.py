@@ -23,7 +23,11 @@ from envtune.runtime.engines import (
     SamplingParams,
     WeightSync,
 )
+from envtune.runtime.engines.kv_batch import cache_kv, merge_left_padded, select_rows
+from envtune.runtime.engines.prefix_cache import EpisodePrefixCache, common_prefix_length
 from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
+from hypothesis import given
+from hypothesis import strategies as st
 
 TOOL_NAMES = ("cd", "ls")
 TOOL_CALL_EBNF = r"""
@@ -283,17 +287,29 @@ async def test_lora_adapters_versions_and_weight_updates(tmp_path: Path, prompt:
         plain = recomputed_logprobs(AutoModelForCausalLM.from_pretrained(tiny), prompt, base_run[0], 1.0)
         assert torch.max(torch.abs(plain - torch.tensor(base_run[0].logprobs))) < 1e-4
 
-        await engine.unload_adapter("policy-v1")
+        on_base = await engine.generate(GenerateRequest(prompt, sampling, affinity_key="on-base"))
+        on_v1 = await engine.generate(
+            GenerateRequest(prompt, sampling, adapter="policy-v1", affinity_key="v1")
+        )
+        kept_base, kept_v1 = (len(prompt) + len(run[0].token_ids) - 1 for run in (on_base, on_v1))
+        await engine.load_adapter("policy-v5", str(second))  # a new adapter leaves kept KV alone
+        # (Read after a control: those run after the worker's step that finished both requests.)
+        assert engine.statistics().prefix_cache_held == kept_base + kept_v1
+        await engine.unload_adapter("policy-v5")
+        assert engine.statistics().prefix_cache_held == kept_base + kept_v1
+        await engine.unload_adapter("policy-v1")  # drops only the KV computed with policy-v1
+        assert engine.statistics().prefix_cache_held == kept_base
         await engine.unload_adapter("custom")
         with pytest.raises(EngineError, match="not loaded"):
             await engine.generate(GenerateRequest(prompt, sampling, adapter="policy-v1"))
         with pytest.raises(EngineError, match="not loaded"):
             await engine.unload_adapter("policy-v1")
 
-        assert engine.policy_version == 3  # unloading never lowers the high-water mark
-        assert await engine.update_weights_from_disk(str(tiny)) == 4
+        assert engine.policy_version == 5  # unloading never lowers the high-water mark
+        assert await engine.update_weights_from_disk(str(tiny)) == 6
+        assert engine.statistics().prefix_cache_held == 0  # new base weights: every kept KV is stale
         after = await engine.generate(GenerateRequest(prompt, sampling))
-        assert after[0].policy_version == 4
+        assert after[0].policy_version == 6
         assert after[0].token_ids == base_run[0].token_ids  # same weights reloaded
         still = await engine.generate(GenerateRequest(prompt, sampling, adapter="policy-v2"))
         assert still[0].token_ids == v2_run[0].token_ids  # adapters survive a base update
@@ -320,11 +336,119 @@ async def test_episode_prefix_cache_reuses_kv_without_changing_results(
     assert engine.statistics().prefix_hits == hits_before + 1
     assert warm.token_ids == cold.token_ids
     assert max(abs(a - b) for a, b in zip(warm.logprobs, cold.logprobs, strict=True)) < 1e-4
-    # A prompt that does not extend the kept tokens is prefilled from scratch.
+    # A prompt sharing only part of the kept tokens reuses that part (all but its last token).
     other = (await engine.generate(GenerateRequest(prompt[:-3], sampling, affinity_key="episode-a")))[0]
-    assert other.cached_tokens == 0
+    assert other.cached_tokens == len(prompt) - 4
+    other_cold = (await engine.generate(GenerateRequest(prompt[:-3], sampling)))[0]
+    assert other.token_ids == other_cold.token_ids
     # Weight changes flush it.
     (await engine.generate(GenerateRequest(prompt, sampling, affinity_key="episode-b")))
     assert engine.statistics().prefix_cache_held > 0
     await engine.flush_cache()
     assert engine.statistics().prefix_cache_held == 0
+
+
+async def test_group_members_sharing_a_key_keep_their_kv_when_interleaved(
+    engine: EmbeddedEngine, prompt: tuple[int, ...]
+) -> None:
+    """Two episodes of one GRPO group (one affinity key) run concurrently: every turn after the first
+    reuses the member's own history, and the results match cold runs. With one entry per key the
+    members evicted each other and every turn re-prefilled the whole history."""
+    feedback = tuple(engine.tokenizer.encode("<tool_response>\nok\n</tool_response>"))
+
+    async def member(index: int) -> list[tuple[tuple[int, ...], Completion, Completion]]:
+        history, turns = prompt, []
+        for turn in range(3):
+            sampling = SamplingParams(max_new_tokens=6, temperature=1.0, seed=10 * index + turn)
+            warm = (await engine.generate(GenerateRequest(history, sampling, affinity_key="group-x")))[0]
+            turns.append((history, warm, sampling))
+            history = history + warm.token_ids + feedback
+        return turns
+
+    first, second = await asyncio.gather(member(1), member(2))
+    for turns in (first, second):
+        for turn, (history, warm, sampling) in enumerate(turns):
+            if turn > 0:
+                assert warm.cached_tokens == len(turns[turn - 1][0]) + len(turns[turn - 1][1].token_ids) - 1
+            cold = (await engine.generate(GenerateRequest(history, sampling)))[0]
+            assert warm.token_ids == cold.token_ids
+            assert max(abs(a - b) for a, b in zip(warm.logprobs, cold.logprobs, strict=True)) < 1e-4
+    # The sibling that prefilled second reused the first one's prompt KV.
+    assert max(first[0][1].cached_tokens, second[0][1].cached_tokens) == len(prompt) - 1
+
+
+# --- the per-episode prefix cache and the batch KV helpers, without a model ---------------------
+
+
+def _kv(tokens: int, rows: int = 1, fill: float | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two layers of fake KV whose values encode their position (checks which positions were kept)."""
+    base = torch.arange(tokens, dtype=torch.float32).view(1, 1, tokens, 1).expand(rows, 2, tokens, 3)
+    if fill is not None:
+        base = torch.full_like(base, fill)
+    return [(base.clone(), -base.clone()) for _ in range(2)]
+
+
+def test_prefix_cache_picks_the_longest_shared_prefix_per_key() -> None:
+    cache = EpisodePrefixCache(capacity_tokens=1000)
+    cache.remember("g", (1, 2, 3, 4, 5), _kv(5), None, 0)
+    cache.remember("g", (1, 2, 9, 9), _kv(4), None, 0)
+    cache.remember("other", (1, 2, 3, 4, 5, 6), _kv(6), None, 0)
+    assert cache.lookup("g", (7, 7), None, 0) is None
+    assert cache.lookup("g", (1, 2, 3, 4, 5, 6), "adapter", 0) is None
+    assert cache.lookup("g", (1, 2, 3, 4, 5, 6), None, 1) is None
+    # A sibling's history shared in part: reused up to the divergence, and kept for its owner.
+    partial = cache.lookup("g", (1, 2, 3, 8, 8), None, 0)
+    assert partial is not None and partial.tokens == 3
+    assert partial.kv[0][0][0, 0, :, 0].tolist() == [0.0, 1.0, 2.0]
+    assert len(cache) == 3
+    # Identical prompt: all but its last token, so the prefill still yields the first logits.
+    same = cache.lookup("g", (1, 2, 9, 9), None, 0)
+    assert same is not None and same.tokens == 3 and len(cache) == 3
+    # The prompt extends an entry: it is handed over and leaves the cache.
+    full = cache.lookup("g", (1, 2, 3, 4, 5, 6, 7), None, 0)
+    assert full is not None and full.tokens == 5
+    assert len(cache) == 2 and cache.held_tokens == 10
+
+
+def test_prefix_cache_supersedes_drops_adapters_and_stays_bounded() -> None:
+    cache = EpisodePrefixCache(capacity_tokens=12)
+    cache.remember("g", (1, 2, 3), _kv(3), None, 0)
+    cache.remember("g", (1, 2, 3, 4, 5), _kv(5), None, 0)  # extends the first: replaces it
+    assert len(cache) == 1 and cache.held_tokens == 5
+    cache.remember("g", (1, 2), _kv(2), None, 0)  # already covered
+    assert len(cache) == 1
+    cache.remember("h", (4, 5, 6, 7), _kv(4), "lora", 2)
+    cache.remember("i", (8, 9, 10, 11), _kv(4), None, 0)  # 13 tokens > 12: the oldest goes
+    assert cache.held_tokens == 8 and cache.lookup("g", (1, 2, 3, 4, 5, 6), None, 0) is None
+    cache.drop_adapter("lora")
+    assert cache.held_tokens == 4 and cache.lookup("h", (4, 5, 6, 7, 8), "lora", 2) is None
+    cache.remember("j", tuple(range(13)), _kv(13), None, 0)  # larger than the whole cache: not kept
+    assert cache.held_tokens == 4
+    cache.clear()
+    assert cache.held_tokens == 0 and len(cache) == 0
+
+
+@given(
+    st.lists(st.integers(0, 3), max_size=40),
+    st.lists(st.integers(0, 3), max_size=40),
+)
+def test_common_prefix_length_matches_a_plain_loop(a: list[int], b: list[int]) -> None:
+    expected = 0
+    while expected < min(len(a), len(b)) and a[expected] == b[expected]:
+        expected += 1
+    assert common_prefix_length(tuple(a), tuple(b)) == expected
+
+
+def test_batch_kv_merges_left_padded_and_selects_rows() -> None:
+    short, long = _kv(3), _kv(5, rows=2, fill=7.0)
+    cache = merge_left_padded([short, long])
+    keys = cache_kv(cache)[1][0]
+    assert keys.shape == (3, 2, 5, 3)
+    assert keys[0, 0, :, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 2.0]  # right-aligned, zeros on the left
+    assert keys[1:, :, :, :].eq(7.0).all()
+    # A decode step writes one column in place for every row.
+    cache.layers[1].update(torch.ones(3, 2, 1, 3), torch.ones(3, 2, 1, 3))
+    assert cache_kv(cache)[1][0].shape == (3, 2, 6, 3)
+    kept = cache_kv(select_rows(cache_kv(cache), [0], start=2))[1]
+    assert kept[0][0, 0, :, 0].tolist() == [0.0, 1.0, 2.0, 1.0]
+    assert kept[1][0, 0, :, 0].tolist() == [-0.0, -1.0, -2.0, 1.0]

@@ -14,6 +14,8 @@ keeps a running batch of rows (one per sampled continuation) with a left-padded 
 - each decode step feeds every row's last token with its own position id and the padded mask;
 - finished rows leave the batch at once (and leading all-padding columns are trimmed).
 
+Joins and leaves rebuild the batch's KV with each kept row written once (``kv_batch.py``).
+
 A batch runs one LoRA adapter (peft's ``set_adapter`` is model-wide): a job naming another adapter
 waits (FIFO) until the running batch drains. Weight changes (adapters, ``update_weights_from_disk``)
 are queued like jobs and run between batches, as SGLang's weight lock does.
@@ -25,10 +27,14 @@ multinomial; temperature 0 is argmax. **Reported logprobs** follow SGLang's defa
 temperature-scaled and grammar-masked but NOT renormalised after top-k/top-p; with temperature 0,
 ``log_softmax(masked_logits)``. The learner's recomputation ``log_softmax(logits / T)`` matches it.
 
-Per-episode prefix cache: when a single-sample request with an ``affinity_key`` finishes, its KV
-(prompt + completion) is kept under that key (LRU, bounded in tokens); the key's next request, if
-its prompt extends those tokens under the same adapter and version, prefills only the new tokens
-(``Completion.cached_tokens`` says how many were reused). Weight changes and ``flush_cache`` empty it.
+Per-episode prefix cache (``prefix_cache.py``): when a single-sample request with an
+``affinity_key`` finishes, its KV (prompt + completion) is kept under that key, as is the prompt's KV
+after a cold prefill; a key's next request prefills only what follows the longest prefix it shares
+with one of the key's entries, under the same adapter and version (``Completion.cached_tokens`` says
+how many were reused). A key holds several entries because the episode loop keys requests by GRPO
+group: members interleave under one key (one entry per key made them evict each other, and
+concurrent episodes ran slower than sequential ones). Unloading an adapter drops its entries; new
+base weights and ``flush_cache`` empty it.
 
 Left out: a general radix prefix cache across keys, stop strings, penalties.
 """
@@ -59,6 +65,8 @@ from envtune.runtime.engines.base import (
     GenerateRequest,
     adapter_version,
 )
+from envtune.runtime.engines.kv_batch import cache_kv, growing_cache, merge_left_padded, select_rows
+from envtune.runtime.engines.prefix_cache import EpisodePrefixCache, PrefixHit
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +87,7 @@ class EmbeddedEngineConfig:
     """Compiled grammars kept (LRU, keyed by kind and text)."""
     prefix_cache_tokens: int = 131_072
     """Tokens of per-episode KV kept for reuse (0 disables): a request with an ``affinity_key``
-    whose prompt extends the key's previous prompt + completion prefills only the new tokens.
+    whose prompt shares a prefix with a kept prompt + completion of that key prefills only the rest.
     Memory: 2 KiB a token for the tiny model (256 MiB at the default), ~24 KiB for a 0.5B Qwen2."""
     torch_threads: int | None = 1
     """Intra-op threads of the engine's worker thread (OpenMP settings are per thread, so the rest of
@@ -192,63 +200,6 @@ class _Part:
     mask: torch.Tensor
 
 
-def _growing_layer(keys: torch.Tensor, values: torch.Tensor) -> Any:
-    """A KV-cache layer with spare capacity, so a decode step writes in place instead of concatenating.
-
-    transformers' ``DynamicLayer.update`` copies the whole layer (``torch.cat``) on every token, which
-    was most of a batch-16 decode step on CPU. This subclass keeps ``keys``/``values`` as views of a
-    larger buffer (the attributes ``DynamicLayer`` and the attention code read) and grows it by
-    ``_CACHE_GROWTH`` tokens when full.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def __init__(self) -> None:
-            super().__init__()
-            self._length = keys.shape[2]
-            self._keys = _with_room(keys, self._length + _CACHE_GROWTH)
-            self._values = _with_room(values, self._length + _CACHE_GROWTH)
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-            self.keys, self.values = self._keys[:, :, : self._length], self._values[:, :, : self._length]
-
-        def update(
-            self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            end = self._length + key_states.shape[2]
-            if end > self._keys.shape[2]:
-                self._keys = _with_room(self._keys[:, :, : self._length], end + _CACHE_GROWTH)
-                self._values = _with_room(self._values[:, :, : self._length], end + _CACHE_GROWTH)
-            self._keys[:, :, self._length : end] = key_states
-            self._values[:, :, self._length : end] = value_states
-            self._length = end
-            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
-            return self.keys, self.values
-
-    return GrowingLayer()
-
-
-def _with_room(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
-    """A copy of ``tensor`` (B, H, L, D) in a buffer of ``capacity`` positions."""
-    batch, heads, length, dim = tensor.shape
-    buffer = tensor.new_empty((batch, heads, capacity, dim))
-    buffer[:, :, :length] = tensor
-    return buffer
-
-
-_CACHE_GROWTH = 256
-"""Positions added to a KV buffer when it is full."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Prefix:
-    """An episode's KV after its last completion, kept for its next turn."""
-
-    token_ids: tuple[int, ...]
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    adapter: str | None
-    version: int
-
-
 _ANY = object()
 """No adapter chosen yet for the batch being formed."""
 
@@ -320,8 +271,7 @@ class EmbeddedEngine:
         self._seed_source = secrets.SystemRandom()
         self._closed = False
         self._peak_rows = 0
-        self._prefix: collections.OrderedDict[str, _Prefix] = collections.OrderedDict()
-        self._prefix_held = 0
+        self._prefix = EpisodePrefixCache(self.config.prefix_cache_tokens)
         self._prefix_hits = 0
         self._cached_tokens = 0
         self._jobs_done = 0
@@ -373,7 +323,7 @@ class EmbeddedEngine:
             policy_version=self.policy_version,
             prefix_hits=self._prefix_hits,
             cached_tokens=self._cached_tokens,
-            prefix_cache_held=self._prefix_held,
+            prefix_cache_held=self._prefix.held_tokens,
         )
 
     async def generate(self, request: GenerateRequest) -> Sequence[Completion]:
@@ -411,8 +361,8 @@ class EmbeddedEngine:
         return await self._control(lambda: self._do_update_weights(str(path), version))
 
     async def flush_cache(self) -> None:
-        """No prefix cache to drop; still ordered after queued work, as SGLang's flush is."""
-        await self._control(lambda: None)
+        """Drop the per-episode prefix cache; ordered after queued work, as SGLang's flush is."""
+        await self._control(self._prefix.clear)
 
     async def close(self) -> None:
         """Fail queued and running work with ``EngineError`` and stop the worker thread."""
@@ -576,6 +526,9 @@ class EmbeddedEngine:
         else:
             self._peft.delete_adapter(name)
         self._active_adapter = None
+        # Only this adapter's kept KV is stale; other episodes keep theirs (a new adapter is
+        # published every learner step, while in-flight episodes finish on the one they started with).
+        self._prefix.drop_adapter(name)
         del self._adapter_versions[name]
         del self._adapter_paths[name]
         log.info("adapter_unloaded", name=name)
@@ -595,6 +548,7 @@ class EmbeddedEngine:
             (name, self._adapter_paths[name], self._adapter_versions[name]) for name in self._adapter_paths
         ]
         self._base, self._peft, self._active_adapter = base, None, None
+        self._prefix.clear()  # every kept KV came from the old base weights
         self._adapter_paths.clear()
         self._adapter_versions.clear()
         for name, adapter_path, adapter_ver in adapters:
@@ -674,9 +628,6 @@ class EmbeddedEngine:
         while self._pending and isinstance(self._pending[0], _Control) and not self._rows:
             control = self._pending.popleft()
             assert isinstance(control, _Control)
-            # Any weight change makes kept KV stale; flush_cache asks for exactly this.
-            self._prefix.clear()
-            self._prefix_held = 0
             try:
                 result: Any = control.fn()
             except Exception as exc:
@@ -732,8 +683,8 @@ class EmbeddedEngine:
         n = request.sampling.n
         prompt = request.prompt_ids
         prefix = self._take_prefix(job)
-        start = 0 if prefix is None else len(prefix.token_ids)
-        cache = None if prefix is None else self._make_cache(prefix.kv)
+        start = 0 if prefix is None else prefix.tokens
+        cache = None if prefix is None else growing_cache(prefix.kv)
         with self._adapter_context(request.adapter):
             out = self._model(
                 input_ids=torch.tensor([prompt[start:]], device=self.device),
@@ -744,6 +695,11 @@ class EmbeddedEngine:
             )
         job.cached_tokens = start
         prompt_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        if start == 0 and request.affinity_key is not None and self.config.prefix_cache_tokens > 0:
+            # A cold prefill is the expensive case, and the GRPO siblings sharing this key usually send
+            # the same prompt at the same time: keep it for them (this job's own finished history
+            # supersedes the entry later).
+            self._prefix.remember(request.affinity_key, prompt, prompt_kv, request.adapter, job.version)
         logits = out.logits[:, -1, :].float().expand(n, -1).clone()
         seed = request.sampling.seed
         rows = []
@@ -766,38 +722,18 @@ class EmbeddedEngine:
         mask = torch.ones((len(alive), len(request.prompt_ids)), dtype=torch.long, device=self.device)
         return _Part(alive, kv, mask)
 
-    def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self._cache.layers]
-
-    def _set_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._cache = self._make_cache(kv)
-
-    @staticmethod
-    def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        from transformers.cache_utils import Cache
-
-        return Cache(layers=[_growing_layer(keys, values) for keys, values in kv])
-
     # --- the per-episode prefix cache --------------------------------------------------------
 
-    def _take_prefix(self, job: _Job) -> _Prefix | None:
-        """The episode's kept KV when the prompt extends it (same adapter and version); else None."""
+    def _take_prefix(self, job: _Job) -> PrefixHit | None:
+        """Kept KV of the job's episode covering a prefix of its prompt (same adapter and version)."""
         key = job.request.affinity_key
-        if key is None or key not in self._prefix:
+        if key is None or self.config.prefix_cache_tokens <= 0:
             return None
-        prefix = self._prefix.pop(key)
-        self._prefix_held -= len(prefix.token_ids)
-        prompt = job.request.prompt_ids
-        if (
-            prefix.adapter != job.request.adapter
-            or prefix.version != job.version
-            or len(prefix.token_ids) >= len(prompt)
-            or prompt[: len(prefix.token_ids)] != prefix.token_ids
-        ):
-            return None
-        self._prefix_hits += 1
-        self._cached_tokens += len(prefix.token_ids)
-        return prefix
+        hit = self._prefix.lookup(key, job.request.prompt_ids, job.request.adapter, job.version)
+        if hit is not None:
+            self._prefix_hits += 1
+            self._cached_tokens += hit.tokens
+        return hit
 
     def _remember(self, row: _Row, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Keep a finished single-sample row's KV (prompt + completion minus its last token)."""
@@ -806,49 +742,23 @@ class EmbeddedEngine:
         if key is None or job.request.sampling.n != 1 or self.config.prefix_cache_tokens <= 0:
             return
         tokens = job.request.prompt_ids + tuple(row.token_ids[:-1])
-        if kv[0][0].shape[2] != len(tokens) or len(tokens) > self.config.prefix_cache_tokens:
+        if kv[0][0].shape[2] != len(tokens):
             return
-        old = self._prefix.pop(key, None)
-        if old is not None:
-            self._prefix_held -= len(old.token_ids)
-        self._prefix[key] = _Prefix(
-            tokens, [(k.clone(), v.clone()) for k, v in kv], job.request.adapter, job.version
-        )
-        self._prefix_held += len(tokens)
-        while self._prefix_held > self.config.prefix_cache_tokens:
-            _, evicted = self._prefix.popitem(last=False)
-            self._prefix_held -= len(evicted.token_ids)
+        self._prefix.remember(key, tokens, kv, job.request.adapter, job.version)
 
     def _merge(self, parts: list[_Part]) -> None:
         """Append new rows to the running batch in one copy, left-padding every part to one length."""
         if self._rows:
-            parts = [_Part(self._rows, self._kv(), self._mask), *parts]
+            parts = [_Part(self._rows, cache_kv(self._cache), self._mask), *parts]
         length = max(part.mask.shape[1] for part in parts)
-
-        def pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-            missing = length - width
-            if missing == 0:
-                return tensor
-            shape = list(tensor.shape)
-            shape[dim] = missing
-            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-        layers = len(parts[0].kv)
-        self._set_kv(
-            [
-                (
-                    torch.cat([pad(part.kv[i][0], part.mask.shape[1], 2) for part in parts]),
-                    torch.cat([pad(part.kv[i][1], part.mask.shape[1], 2) for part in parts]),
-                )
-                for i in range(layers)
-            ]
+        self._cache = merge_left_padded([part.kv for part in parts])
+        self._mask = torch.cat(
+            [torch.nn.functional.pad(part.mask, (length - part.mask.shape[1], 0)) for part in parts]
         )
-        self._mask = torch.cat([pad(part.mask, part.mask.shape[1], 1) for part in parts])
         self._rows = [row for part in parts for row in part.rows]
         self._peak_rows = max(self._peak_rows, len(self._rows))
 
     def _decode_step(self) -> None:
-
         self._drop_cancelled()
         if not self._rows:
             return
@@ -869,7 +779,7 @@ class EmbeddedEngine:
             row.next_pos += 1
         keep = self._sample_and_advance(rows, out.logits[:, -1, :].float())
         if not all(keep):
-            layers = self._kv()
+            layers = cache_kv(self._cache)
             for i, alive in enumerate(keep):
                 if not alive:
                     start = int(mask[i].nonzero()[0, 0])
@@ -897,7 +807,7 @@ class EmbeddedEngine:
         mask = self._mask[index]
         start = int(mask.any(dim=0).nonzero()[0, 0])
         self._mask = mask[:, start:]
-        self._set_kv([(k[index, :, start:], v[index, :, start:]) for k, v in self._kv()])
+        self._cache = select_rows(cache_kv(self._cache), keep, start)
 
     # --- sampling ----------------------------------------------------------------------------
 
