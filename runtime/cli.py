@@ -350,13 +350,11 @@ async def train(
         supervisor = Supervisor([rollout, learner_actor, recorder], stop_timeout_s=3600.0)
 
         async def until() -> None:
-            waiters = {asyncio.ensure_future(learner_actor.done.wait()), asyncio.ensure_future(stop.wait())}
-            try:
+            async with asyncio.TaskGroup() as group:
+                waiters = {group.create_task(learner_actor.done.wait()), group.create_task(stop.wait())}
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
                 for waiter in waiters:
-                    waiter.cancel()
-                await asyncio.gather(*waiters, return_exceptions=True)
+                    waiter.cancel()  # the other one: a cancelled child ends the group quietly
             if stop.is_set():
                 learner_actor.finish("stop requested")
 
