@@ -252,7 +252,7 @@ async def train(
     Returns the number of learner steps completed (including those before a resume).
     """
     from envtune.agents.chat_tokens import ChatTokenizer
-    from envtune.agents.grammar import ConstraintCache
+    from envtune.agents.grammar import ConstraintCache, GrammarOptions
     from envtune.environments.episode import BfclEnvironment
     from envtune.optim import AdapterPublisher, Learner
     from envtune.runtime.curriculum import CurriculumScheduler
@@ -287,7 +287,8 @@ async def train(
         publisher = AdapterPublisher(folder.path / "adapters", [engines.client])
         if learner.policy_version > 0:
             await publisher.publish(learner)
-        constraints = ConstraintCache()
+        think = config.rollout.sampling.max_think_chars
+        constraints = ConstraintCache(options=GrammarOptions(max_think_chars=think or None))
         settings = TrainerSettings(
             groups_per_step=config.rollout.groups_per_step,
             max_staleness=config.rollout.max_staleness,

@@ -91,6 +91,9 @@ class SamplingConfig:
     """Cap on one model reply (one step); the episode cap is ``max_episode_tokens``."""
     max_episode_tokens: int = 32768
     """Cap on prompt + everything appended in an episode (the release's ``max_model_len``)."""
+    max_think_chars: int = 0
+    """Bound on the ``<think>`` text in stages that decode under the grammar; 0 = unbounded. A
+    random-weight model rarely closes its think block on its own, so the CPU preset bounds it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +358,11 @@ class Config:
 
 def _validate(config: Config) -> None:
     """Cross-field checks (types are checked while parsing)."""
+    if config.rollout.sampling.max_think_chars < 0:
+        raise ConfigError(
+            f"rollout.sampling.max_think_chars: must be >= 0 (0 = unbounded), "
+            f"got {config.rollout.sampling.max_think_chars}"
+        )
     stages = config.curriculum.stages
     if not stages:
         raise ConfigError("curriculum.stages: at least one stage is needed")

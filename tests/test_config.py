@@ -155,3 +155,8 @@ def test_every_key_is_documented() -> None:
     }
     undocumented = [key for key, _, doc in rows if not doc]
     assert undocumented == []
+
+
+def test_negative_think_bound_is_refused() -> None:
+    with pytest.raises(ConfigError, match="max_think_chars"):
+        load_config(None, ["rollout.sampling.max_think_chars=-1"])
