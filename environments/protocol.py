@@ -35,6 +35,11 @@ _RESOURCEFUL = """\
   and no function can retrieve it, do NOT make a tool call with invented values; ask with <answer>."""
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+"""A stateless, configured encoder made once: ``json.dumps`` with a non-default option builds a new
+encoder on every call, which costs more than encoding a step's feedback."""
+
+
 def tool_listing(tools: Sequence[FunctionDoc]) -> str:
     """One JSON line per tool; BFCL's registered docs are immutable, so a listing is encoded once."""
     registry = load_function_docs()
@@ -50,7 +55,7 @@ def _registered_listing(names: tuple[str, ...]) -> str:
 
 
 def _doc_line(doc: FunctionDoc) -> str:
-    return json.dumps(doc.to_json(), ensure_ascii=False)
+    return _ENCODER.encode(doc.to_json())
 
 
 def system_prompt(style: PromptStyle, tools: Sequence[FunctionDoc]) -> str:
@@ -75,7 +80,7 @@ def tool_feedback(outcomes: Sequence[CallOutcome]) -> str:
         entries.append(entry)
     return (
         "Execution results:\n"
-        + json.dumps(entries, ensure_ascii=False)
+        + _ENCODER.encode(entries)
         + "\nIf the request is fulfilled, think briefly and summarise the result in <answer></answer>; "
         "otherwise keep calling functions."
     )

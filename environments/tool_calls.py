@@ -247,7 +247,7 @@ def parse_reply(text: str | bytes, *, require_think: bool = True) -> ParsedReply
     if kind == "answer":
         return ParsedReply(kind="answer", think=think, calls=(), answer=body.strip())
     # 5. the tool-call body
-    return ParsedReply(kind="tool_call", think=think, calls=parse_json_calls(body), answer=None)
+    return ParsedReply(kind="tool_call", think=think, calls=_parse_checked_json_calls(body), answer=None)
 
 
 def _fast_parse(text: str) -> ParsedReply | None:
@@ -274,7 +274,7 @@ def _fast_parse(text: str) -> ParsedReply | None:
     think = stripped[len("<think>") : think_end].strip()
     if rest.startswith("<tool_call>") and rest.endswith("</tool_call>"):
         body = rest[len("<tool_call>") : -len("</tool_call>")]
-        return ParsedReply(kind="tool_call", think=think, calls=parse_json_calls(body), answer=None)
+        return ParsedReply(kind="tool_call", think=think, calls=_parse_checked_json_calls(body), answer=None)
     if rest.startswith("<answer>") and rest.endswith("</answer>"):
         return ParsedReply(
             kind="answer", think=think, calls=(), answer=rest[len("<answer>") : -len("</answer>")].strip()
@@ -349,7 +349,11 @@ def parse_json_calls(body: str) -> tuple[ToolCall, ...]:
     (no arguments); any other key in an entry is an error, since it usually means a misspelled
     ``arguments`` whose values would otherwise be lost silently.
     """
-    body = _check_text(body, "The <tool_call> body")
+    return _parse_checked_json_calls(_check_text(body, "The <tool_call> body"))
+
+
+def _parse_checked_json_calls(body: str) -> tuple[ToolCall, ...]:
+    """``parse_json_calls`` on text already bounded and decoded (a slice of a checked reply)."""
     if not body.strip():
         _fail("The <tool_call> block is empty; write a JSON list of calls", "no_calls")
     # Counting brackets bounds the depth from above in C; the exact (regex) depth only when it could matter.
@@ -396,8 +400,8 @@ def parse_json_calls(body: str) -> tuple[ToolCall, ...]:
             )
         if "name" not in entry:
             _fail(f'{where} has no "name"', "bad_entry")
-        extra = sorted(set(entry) - _ENTRY_KEYS)
-        if extra:
+        if len(entry) > 2 or (len(entry) == 2 and "arguments" not in entry):
+            extra = sorted(set(entry) - _ENTRY_KEYS)
             _fail(
                 f'{where} has unexpected key {extra[0]!r}; a call has only "name" and "arguments"',
                 "bad_entry",
@@ -413,7 +417,7 @@ def parse_json_calls(body: str) -> tuple[ToolCall, ...]:
             _check_argument_name(key, name)
             if needs_value_walk:
                 _check_json_value(value, f"argument {key!r} of {name}()")
-        calls.append(ToolCall(name=name, arguments=dict(arguments)))
+        calls.append(ToolCall(name=name, arguments=arguments))  # a fresh dict from json.loads
     return tuple(calls)
 
 
