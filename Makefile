@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 $(SGLANG_CONTRACT):
 	mkdir -p .cache/sglang
 	$(PY) -m pip download -q --no-deps sglang==0.5.23 -d .cache/sglang
-	cd .cache/sglang && unzip -o -j -q sglang-0.5.23-*.whl sglang/api/v1/api_types.py
+	$(PY) -c "import glob, zipfile; w = zipfile.ZipFile(glob.glob('.cache/sglang/sglang-0.5.23-*.whl')[0]); open('$@', 'wb').write(w.read('sglang/api/v1/api_types.py'))"
 
 run: setup
 	$(VENV)/bin/envtune-run
