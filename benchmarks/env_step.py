@@ -31,7 +31,7 @@ import gc
 import json
 import time
 
-from envtune.environments.conformance import ANSWER, ground_truth_calls
+from envtune.environments.conformance import ANSWER, ground_truth_calls, tool_call_reply
 from envtune.environments.episode import BfclEnvironment, EpisodeConfig
 from envtune.environments.instances import Dispatcher, build_instances
 from envtune.environments.scoring import TurnScorer
@@ -40,18 +40,15 @@ from envtune.environments.tool_calls import format_pythonic_call
 from envtune.environments.types import FeedbackMode
 
 
-def _reply(calls) -> str:
-    body = json.dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
-    return f"<think>step</think><tool_call>{body}</tool_call>"
-
-
 def run_envtune_steps(env: BfclEnvironment, tasks: list[Task], feedback: FeedbackMode) -> tuple[float, int]:
     """(seconds in episode creation + tool steps, calls): ``Episode.step`` on ``<tool_call>`` replies."""
     seconds = 0.0
     calls_done = 0
     clock = time.perf_counter
     for task in tasks:
-        replies = [(_reply(calls) if calls else None, len(calls)) for calls in ground_truth_calls(task)]
+        replies = [
+            (tool_call_reply(calls) if calls else None, len(calls)) for calls in ground_truth_calls(task)
+        ]
         t0 = clock()
         episode = env.make_episode(task.id, EpisodeConfig(feedback=feedback))
         episode.start()

@@ -21,7 +21,7 @@ from typing import Any
 from envtune.environments.episode import BfclEnvironment, EpisodeConfig
 from envtune.environments.ground_truth import positional_names_for
 from envtune.environments.instances import public_methods
-from envtune.environments.tasks import Task, load_function_docs
+from envtune.environments.tasks import Task, load_function_docs, thaw
 from envtune.environments.tool_calls import format_pythonic_call, parse_pythonic_calls
 from envtune.environments.types import FeedbackMode, ToolCall
 
@@ -70,7 +70,8 @@ def ground_truth_trajectory(task: Task) -> Trajectory:
     return Trajectory(task_id=task.id, kind="ground_truth", turns=turns)
 
 
-def _reply(calls: Sequence[ToolCall]) -> str:
+def tool_call_reply(calls: Sequence[ToolCall]) -> str:
+    """A paper-format reply that makes these calls (scripted policies, tests, benchmarks)."""
     body = json.dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
     return f"<think>replaying</think><tool_call>{body}</tool_call>"
 
@@ -89,7 +90,7 @@ def play_envtune(env: BfclEnvironment, trajectory: Trajectory, feedback: Feedbac
             break
         turn_closed = False
         for calls in turn_steps:
-            result = episode.step(_reply(calls))
+            result = episode.step(tool_call_reply(calls))
             if result.turn_ended:
                 turn_closed = True
                 break
@@ -108,7 +109,7 @@ def judge_bfcl(task: Task, trajectory: Trajectory, model_name: str) -> tuple[boo
     ]
     entry = {
         "id": task.id,
-        "initial_config": _thaw(task.initial_config),
+        "initial_config": thaw(task.initial_config),
         "involved_classes": list(task.involved_classes),
     }
     ground_truth = [list(turn) for turn in task.ground_truth]
@@ -126,12 +127,6 @@ def judge_bfcl(task: Task, trajectory: Trajectory, model_name: str) -> tuple[boo
     if not irrelevance["valid"]:
         return False, str(irrelevance.get("error_type", "irrelevance"))
     return True, "valid"
-
-
-def _thaw(value: Any) -> Any:
-    from envtune.environments.tasks import thaw
-
-    return thaw(value)
 
 
 # --- perturbations ---------------------------------------------------------------------------

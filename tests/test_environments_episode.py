@@ -16,12 +16,11 @@ from envtune.environments import (
     load_split,
     load_tasks,
 )
-from envtune.environments.conformance import ANSWER, ground_truth_calls
+from envtune.environments.conformance import ANSWER, ground_truth_calls, tool_call_reply
 
 
 def reply(*calls: ToolCall) -> str:
-    body = json.dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
-    return f"<think>t</think><tool_call>{body}</tool_call>"
+    return tool_call_reply(calls)
 
 
 @pytest.fixture(scope="module")
