@@ -1,7 +1,20 @@
-"""Agents: chat messages to tokens, the reply grammar, and the token-in/token-out episode loop."""
+"""Agents: the engine contract, chat messages to tokens, the reply grammar, the token-in/token-out
+episode loop and the trajectories it produces. Standard library only at import time (the grammar
+imports xgrammar when it composes one; the chat tokenizer wraps a tokenizer it is given)."""
 
 from envtune.agents.chat_tokens import ChatTemplateError, ChatTokenizer
-from envtune.agents.config import AgentConfig, RewardKind
+from envtune.agents.config import AgentConfig, SamplingConfig
+from envtune.agents.engine import (
+    Completion,
+    Constraint,
+    ConstraintKind,
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    WeightSync,
+)
 from envtune.agents.episode_loop import EpisodeLike, run_episode, run_episode_sync
 from envtune.agents.grammar import (
     ConstraintCache,
@@ -18,12 +31,21 @@ __all__ = [
     "AgentConfig",
     "ChatTemplateError",
     "ChatTokenizer",
+    "Completion",
+    "Constraint",
     "ConstraintCache",
+    "ConstraintKind",
+    "Engine",
+    "EngineError",
     "EpisodeLike",
+    "FinishReason",
+    "GenerateRequest",
     "GrammarOptions",
-    "RewardKind",
+    "SamplingConfig",
+    "SamplingParams",
     "SchemaError",
     "Trajectory",
+    "WeightSync",
     "bfcl_to_json_schema",
     "reply_constraint",
     "reply_grammar",

@@ -5,7 +5,7 @@ the prompt is rendered once; each reply is kept exactly as the engine sampled it
 logprobs, the policy version that sampled it, loss mask on); the reply's text goes to
 ``episode.step``; the environment's messages are tokenized alone and appended (loss mask off). The
 environment decides turn ends, the per-turn step limit, revealed functions and scores; this loop
-only stops early at the length caps of ``AgentConfig`` (marked truncated).
+only stops early at the length caps of ``SamplingConfig`` (marked truncated).
 
 ``run_episode_sync`` is the reference loop: the same episode, written top to bottom against a plain
 ``generate`` function. Tests check that both produce the same trajectory.
@@ -18,16 +18,12 @@ the episode object (creating and closing it).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Protocol
 
 import structlog
 from envtune.agents.chat_tokens import ChatTokenizer
-from envtune.agents.config import AgentConfig, RewardKind
-from envtune.agents.grammar import ConstraintCache
-from envtune.agents.trajectory import Trajectory
-from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepResult
-from envtune.runtime.engines.base import (
+from envtune.agents.config import AgentConfig
+from envtune.agents.engine import (
     Completion,
     Constraint,
     Engine,
@@ -36,6 +32,9 @@ from envtune.runtime.engines.base import (
     GenerateRequest,
     SamplingParams,
 )
+from envtune.agents.grammar import ConstraintCache
+from envtune.agents.trajectory import Trajectory
+from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepResult
 
 log = structlog.get_logger(__name__)
 
@@ -56,13 +55,13 @@ class EpisodeLike(Protocol):
 
 
 def reply_sampling(config: AgentConfig, chat: ChatTokenizer, history_len: int) -> SamplingParams:
-    """Sampling for the next reply: stop at end-of-turn, never past ``max_total_tokens``."""
-    room = config.max_total_tokens - history_len
-    stops = config.sampling.stop_token_ids
+    """Sampling for the next reply: stop at end-of-turn, never past ``max_episode_tokens``."""
+    sampling = config.sampling
+    stops = sampling.stop_token_ids
     if chat.end_of_turn_id not in stops:
         stops = (*stops, chat.end_of_turn_id)
-    max_new_tokens = min(config.sampling.max_new_tokens, room)
-    return replace(config.sampling, max_new_tokens=max_new_tokens, stop_token_ids=stops)
+    room = sampling.max_episode_tokens - history_len
+    return sampling.request_params(min(sampling.max_new_tokens, room), stops, config.seed)
 
 
 def single_completion(completions: Sequence[Completion]) -> Completion:
@@ -77,11 +76,6 @@ def single_completion(completions: Sequence[Completion]) -> Completion:
             f"{len(completion.token_ids)} tokens but {len(completion.logprobs)} logprobs", retryable=False
         )
     return completion
-
-
-def episode_reward(score: EpisodeScore, kind: RewardKind) -> float:
-    """The scalar the stage trains on."""
-    return score.stage1_reward if kind is RewardKind.STAGE1 else score.progress
 
 
 class _TokenBuffer:
@@ -138,7 +132,7 @@ def build_trajectory(
         loss_mask=tuple(mask),
         behavior_logprobs=tuple(logprobs),
         policy_versions=tuple(versions),
-        reward=episode_reward(score, config.reward),
+        reward=score.reward(config.reward),
         progress=score.progress,
         format_reward=score.format_reward,
         tool_reward=score.tool_reward,
@@ -173,8 +167,8 @@ async def run_episode(
     constraint: Constraint | None = cache.get(episode.visible_tools()) if config.constrained else None
     key = affinity_key if affinity_key is not None else group_id
     truncated = True  # unless the environment says done
-    for _ in range(config.max_replies):
-        if len(buffer) >= config.max_total_tokens:
+    for _ in range(config.sampling.max_replies):
+        if len(buffer) >= config.sampling.max_episode_tokens:
             break
         request = GenerateRequest(
             prompt_ids=tuple(buffer.ids),
@@ -194,7 +188,7 @@ async def run_episode(
             constraint = cache.get(episode.visible_tools())
         closing = chat.missing_end_of_turn(completion.token_ids)
         feedback = [*closing, *chat.append_messages(result.observation)]
-        if len(buffer) + len(feedback) >= config.max_total_tokens:
+        if len(buffer) + len(feedback) >= config.sampling.max_episode_tokens:
             break  # no room left to answer the feedback: the trailing ids would train nothing
         buffer.add_environment(feedback)
     score = episode.score()
@@ -240,8 +234,8 @@ def run_episode_sync(
     versions = [NOT_SAMPLED_VERSION] * len(ids)
     cache = ConstraintCache(max_entries=4)
     truncated = True
-    for _ in range(config.max_replies):
-        if len(ids) >= config.max_total_tokens:
+    for _ in range(config.sampling.max_replies):
+        if len(ids) >= config.sampling.max_episode_tokens:
             break
         request = GenerateRequest(
             prompt_ids=tuple(ids),
@@ -262,7 +256,7 @@ def run_episode_sync(
             truncated = False
             break
         feedback = [*chat.missing_end_of_turn(reply.token_ids), *chat.append_messages(result.observation)]
-        if len(ids) + len(feedback) >= config.max_total_tokens:
+        if len(ids) + len(feedback) >= config.sampling.max_episode_tokens:
             break
         ids += feedback
         mask += [False] * len(feedback)

@@ -30,14 +30,17 @@ import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import xgrammar
+from envtune.agents.engine import Constraint, ConstraintKind
+from envtune.environments.tool_calls import MAX_CALLS_PER_STEP
 from envtune.environments.types import FunctionDoc
-from envtune.runtime.engines.base import Constraint, ConstraintKind
 
-MAX_CALLS_PER_REPLY = 32
-"""Most calls one ``<tool_call>`` block may hold (the environment's parser refuses more)."""
+if TYPE_CHECKING:
+    import xgrammar
+
+MAX_CALLS_PER_REPLY = MAX_CALLS_PER_STEP
+"""Most calls one ``<tool_call>`` block may hold: the environment parser's own limit."""
 
 _BFCL_SCALARS: Mapping[str, str] = {
     "string": "string",
@@ -175,6 +178,7 @@ def reply_grammar(tools: Sequence[FunctionDoc], options: GrammarOptions = DEFAUL
     """
     if not tools and not options.allow_answer:
         raise ValueError("allow_answer=False needs at least one visible tool")
+    import xgrammar  # composing grammars needs it; importing this module must not (stdlib-only agents)
 
     def lit(text: str) -> xgrammar.Grammar:
         return xgrammar.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")

@@ -21,9 +21,9 @@ import sys
 import time
 
 from envtune.environments.conformance import (
-    ground_truth_trajectory,
+    ground_truth_run,
     judge,
-    perturbed_trajectories,
+    perturbed_runs,
     play_envtune,
 )
 from envtune.environments.episode import BfclEnvironment
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     replay_failures = []
     for task in tasks:
         for feedback in (FeedbackMode.STANDARD, FeedbackMode.AUGMENTED):
-            turns = play_envtune(env, ground_truth_trajectory(task), feedback)
+            turns = play_envtune(env, ground_truth_run(task), feedback)
             if not all(turns):
                 replay_failures.append((task.id, feedback.value, turns))
     replay_pass = len(tasks) - len({task_id for task_id, _, _ in replay_failures})
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     verdicts = []
     by_kind: dict[str, list[bool]] = collections.defaultdict(list)
-    for serial, trajectory in enumerate(perturbed_trajectories(tasks, args.per_task, args.seed)):
+    for serial, trajectory in enumerate(perturbed_runs(tasks, args.per_task, args.seed)):
         verdict = judge(
             env, trajectory, serial, FeedbackMode.AUGMENTED if serial % 2 else FeedbackMode.STANDARD
         )

@@ -29,16 +29,13 @@ import json
 import time
 from pathlib import Path
 
+from envtune.agents.engine import GenerateRequest, SamplingParams
 from envtune.environments.tasks import class_function_docs, load_tasks
-from envtune.runtime.engines import (
-    EmbeddedEngine,
-    EmbeddedEngineConfig,
-    GenerateRequest,
-    SamplingParams,
-    SGLangClient,
-    SGLangClientConfig,
-    SGLangProtocolServer,
-)
+from envtune.runtime.engines.embedded import EmbeddedEngine
+from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
+from envtune.runtime.engines.sglang_client import SGLangClient
+from envtune.runtime.engines.sglang_server import SGLangProtocolServer
+from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
 
 
 def bfcl_prompt(engine: EmbeddedEngine, limit: int) -> tuple[int, ...]:
@@ -133,7 +130,8 @@ async def multi_turn(
 
 
 async def main(args: argparse.Namespace) -> dict[str, float]:
-    engine = await EmbeddedEngine.open(EmbeddedEngineConfig(model_path=args.model, max_batch_rows=16))
+    model = args.model or build_tiny_model(default_tiny_model_dir())
+    engine = await EmbeddedEngine.open(model, EmbeddedEngineConfig(max_batch_rows=16))
     try:
         prompt = bfcl_prompt(engine, args.prompt_tokens)
 

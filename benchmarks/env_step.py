@@ -31,12 +31,12 @@ import gc
 import json
 import time
 
-from envtune.environments.conformance import ANSWER, ground_truth_calls, tool_call_reply
 from envtune.environments.episode import BfclEnvironment, EpisodeConfig
+from envtune.environments.ground_truth import ground_truth_calls
 from envtune.environments.instances import Dispatcher, build_instances
 from envtune.environments.scoring import TurnScorer
 from envtune.environments.tasks import CATEGORIES, Task, class_function_docs, load_tasks, thaw
-from envtune.environments.tool_calls import format_pythonic_call
+from envtune.environments.tool_calls import ANSWER_REPLY, format_pythonic_call, format_reply
 from envtune.environments.types import FeedbackMode
 
 
@@ -47,7 +47,7 @@ def run_envtune_steps(env: BfclEnvironment, tasks: list[Task], feedback: Feedbac
     clock = time.perf_counter
     for task in tasks:
         replies = [
-            (tool_call_reply(calls) if calls else None, len(calls)) for calls in ground_truth_calls(task)
+            (format_reply(calls) if calls else None, len(calls)) for calls in ground_truth_calls(task)
         ]
         t0 = clock()
         episode = env.make_episode(task.id, EpisodeConfig(feedback=feedback))
@@ -59,7 +59,7 @@ def run_envtune_steps(env: BfclEnvironment, tasks: list[Task], feedback: Feedbac
                 episode.step(reply)
                 seconds += clock() - t0
                 calls_done += count
-            episode.step(ANSWER)
+            episode.step(ANSWER_REPLY)
         if not episode.score().all_passed:
             raise RuntimeError(f"ground-truth replay failed on {task.id}: the benchmark would be meaningless")
     return seconds, calls_done

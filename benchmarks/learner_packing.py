@@ -25,8 +25,10 @@ import time
 import structlog
 import torch
 from envtune.agents.trajectory import Trajectory
-from envtune.optim import Batching, Learner, LearnerConfig, plan_microbatches
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
+from envtune.optim.config import Batching, LearnerConfig
+from envtune.optim.learner import Learner
+from envtune.optim.packing import plan_microbatches
+from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 

@@ -66,15 +66,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from envtune.agents.config import AgentConfig
+from envtune.agents.config import AgentConfig, SamplingConfig
+from envtune.agents.engine import GenerateRequest, SamplingParams
 from envtune.agents.episode_loop import run_episode
 from envtune.agents.trajectory import Trajectory
 from envtune.environments import BfclEnvironment, EpisodeConfig, load_split
-from envtune.environments.conformance import ground_truth_calls
+from envtune.environments.ground_truth import ground_truth_calls
 from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepResult
-from envtune.runtime.engines.base import GenerateRequest, SamplingParams
-from envtune.runtime.fake_engine import LatencyModel, LatencyModelEngine, VirtualClockLoop
-from envtune.runtime.rollout import IteratorTaskSource, RolloutActor, RolloutConfig, run_synchronous_batches
+from envtune.runtime.records import IteratorTaskSource
+from envtune.runtime.reference import run_synchronous_batches
+from envtune.runtime.rollout import RolloutActor, RolloutConfig
+from envtune.runtime.testing.fake_engine import LatencyModel, LatencyModelEngine, VirtualClockLoop
 
 GROUP_SIZE = 16
 """n, as in the paper's runs."""
@@ -241,7 +243,7 @@ class Workload:
             self.replies[task_id] = tuple(turns)
         self.latency = latency
         self.engine = LatencyModelEngine(latency, self._reply)
-        self.agent = AgentConfig(sampling=SamplingParams(max_new_tokens=4096), max_total_tokens=65536)
+        self.agent = AgentConfig(sampling=SamplingConfig(max_new_tokens=4096, max_episode_tokens=65536))
         self.episode_config = EpisodeConfig()
         self.fills = (FILL,) * 8192
         self.live: dict[int, ScriptedEpisode] = {}

@@ -27,7 +27,7 @@ from pathlib import Path
 from envtune.agents.chat_tokens import ChatTokenizer
 from envtune.environments.tasks import load_function_docs
 from envtune.environments.types import Message
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
+from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
 from transformers import AutoTokenizer
 
 EDGE_TURNS = 3

@@ -12,17 +12,20 @@ on purpose, while BFCL's executor would run any method of its instances.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from envtune.environments.episode import BfclEnvironment, EpisodeConfig
-from envtune.environments.ground_truth import positional_names_for
+from envtune.environments.ground_truth import ground_truth_calls
 from envtune.environments.instances import public_methods
 from envtune.environments.tasks import Task, load_function_docs, thaw
-from envtune.environments.tool_calls import format_pythonic_call, parse_pythonic_calls
+from envtune.environments.tool_calls import (
+    ANSWER_REPLY,
+    format_pythonic_call,
+    format_reply,
+)
 from envtune.environments.types import FeedbackMode, ToolCall
 
 Steps = list[list[ToolCall]]
@@ -30,7 +33,7 @@ Steps = list[list[ToolCall]]
 
 
 @dataclass(frozen=True, slots=True)
-class Trajectory:
+class ScriptedRun:
     """A scripted model run of one task."""
 
     task_id: str
@@ -44,7 +47,7 @@ class Trajectory:
 class Verdict:
     """Both judges' verdicts on one trajectory."""
 
-    trajectory: Trajectory
+    trajectory: ScriptedRun
     envtune_pass: bool
     bfcl_pass: bool
     envtune_turns: tuple[bool, ...]
@@ -55,31 +58,13 @@ class Verdict:
         return self.envtune_pass == self.bfcl_pass
 
 
-def ground_truth_calls(task: Task) -> list[list[ToolCall]]:
-    """The task's ground truth as structured calls (positional arguments bound to names)."""
-    positional = positional_names_for(task)
-    return [
-        [call for text in turn for call in parse_pythonic_calls(text, positional)]
-        for turn in task.ground_truth
-    ]
-
-
-def ground_truth_trajectory(task: Task) -> Trajectory:
+def ground_truth_run(task: Task) -> ScriptedRun:
     """One step per turn with all of its ground-truth calls (no step for an empty turn)."""
     turns = tuple((tuple(calls),) if calls else () for calls in ground_truth_calls(task))
-    return Trajectory(task_id=task.id, kind="ground_truth", turns=turns)
+    return ScriptedRun(task_id=task.id, kind="ground_truth", turns=turns)
 
 
-def tool_call_reply(calls: Sequence[ToolCall]) -> str:
-    """A paper-format reply that makes these calls (scripted policies, tests, benchmarks)."""
-    body = json.dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
-    return f"<think>replaying</think><tool_call>{body}</tool_call>"
-
-
-ANSWER = "<think>done</think><answer>Done.</answer>"
-
-
-def play_envtune(env: BfclEnvironment, trajectory: Trajectory, feedback: FeedbackMode) -> tuple[bool, ...]:
+def play_envtune(env: BfclEnvironment, trajectory: ScriptedRun, feedback: FeedbackMode) -> tuple[bool, ...]:
     """Play a trajectory through an envtune episode; per-turn verdicts."""
     task = env.tasks[trajectory.task_id]
     config = EpisodeConfig(feedback=feedback, max_steps_per_turn=max(20, 1 + max(map(len, trajectory.turns))))
@@ -90,16 +75,16 @@ def play_envtune(env: BfclEnvironment, trajectory: Trajectory, feedback: Feedbac
             break
         turn_closed = False
         for calls in turn_steps:
-            result = episode.step(tool_call_reply(calls))
+            result = episode.step(format_reply(calls, think="replaying"))
             if result.turn_ended:
                 turn_closed = True
                 break
         if not turn_closed and not episode.done:
-            episode.step(ANSWER)
+            episode.step(ANSWER_REPLY)
     return episode.score().turn_passed
 
 
-def judge_bfcl(task: Task, trajectory: Trajectory, model_name: str) -> tuple[bool, str]:
+def judge_bfcl(task: Task, trajectory: ScriptedRun, model_name: str) -> tuple[bool, str]:
     """BFCL's own checker on the same calls (its pythonic form), state kept in its module globals."""
     from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_checker as checker
     from bfcl_eval.eval_checker.multi_turn_eval import multi_turn_utils
@@ -163,7 +148,7 @@ def _turn_with_calls(turns: list[list[ToolCall]], rng: random.Random) -> int | N
     return rng.choice(candidates) if candidates else None
 
 
-def perturb(task: Task, kind: str, rng: random.Random) -> Trajectory | None:
+def perturb(task: Task, kind: str, rng: random.Random) -> ScriptedRun | None:
     """One perturbed trajectory of a kind, or None when the kind does not apply to the task."""
     turns = [list(calls) for calls in ground_truth_calls(task)]
     docs = load_function_docs()
@@ -226,10 +211,10 @@ def perturb(task: Task, kind: str, rng: random.Random) -> Trajectory | None:
         steps = [turns[t][:cut], turns[t][cut:]]
         as_steps = [((tuple(c),) if c else ()) for c in turns]
         as_steps[t] = tuple(tuple(s) for s in steps)
-        return Trajectory(task_id=task.id, kind=kind, turns=tuple(as_steps))
+        return ScriptedRun(task_id=task.id, kind=kind, turns=tuple(as_steps))
     else:
         raise ValueError(f"unknown perturbation {kind!r}")
-    return Trajectory(task_id=task.id, kind=kind, turns=tuple(((tuple(c),) if c else ()) for c in turns))
+    return ScriptedRun(task_id=task.id, kind=kind, turns=tuple(((tuple(c),) if c else ()) for c in turns))
 
 
 PERTURBATIONS: tuple[str, ...] = (
@@ -244,7 +229,7 @@ PERTURBATIONS: tuple[str, ...] = (
 )
 
 
-def perturbed_trajectories(tasks: Sequence[Task], per_task: int, seed: int) -> Iterator[Trajectory]:
+def perturbed_runs(tasks: Sequence[Task], per_task: int, seed: int) -> Iterator[ScriptedRun]:
     """``per_task`` perturbed trajectories of each task, kinds cycling, deterministic for a seed."""
     rng = random.Random(seed)
     for index, task in enumerate(tasks):
@@ -259,7 +244,7 @@ def perturbed_trajectories(tasks: Sequence[Task], per_task: int, seed: int) -> I
                 yield trajectory
 
 
-def judge(env: BfclEnvironment, trajectory: Trajectory, serial: int, feedback: FeedbackMode) -> Verdict:
+def judge(env: BfclEnvironment, trajectory: ScriptedRun, serial: int, feedback: FeedbackMode) -> Verdict:
     """Both verdicts on one trajectory."""
     task = env.tasks[trajectory.task_id]
     turns = play_envtune(env, trajectory, feedback)

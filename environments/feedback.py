@@ -2,12 +2,13 @@
 
 The official release edits the BFCL classes' error messages in place (§5.2), which makes the
 standard environment unreachable (§9.7). Here the classes stay untouched: the episode executes a call
-on its own instance, renders BFCL's result string, and in augmented mode asks ``augment_result`` for
-an optional hint that is appended *after* that string. A hint explains a constraint or names the tool
-that supplies a missing fact (the two goals of §5.1); it never states the answer (App. B's judge: no
-leakage, no over-constraint, actionable). Facts a hint quotes (directory contents, airports, currency
-pairs, door names, enum values) are read from the instance, its class, or the function docs the model
-sees, so hints stay true when the data changes.
+on its own instance, renders BFCL's result string unchanged, and in augmented mode asks
+``augment_result`` for an optional hint, which the tool message carries in a separate ``hint``
+field. A hint explains a constraint or names the tool that supplies a missing fact (the two goals
+of §5.1); it never states the answer (App. B's judge: no leakage, no over-constraint, actionable).
+Facts a hint quotes (directory contents, airports, currency pairs, door names, enum values) are read
+from the instance, its class, or the function docs the model sees, so hints stay true when the data
+changes.
 
 Deliberately left out: wording of the official release (ours is our own), LLM-written hints (the
 App. B pipeline is not released), and any state change: a rule only reads the instance or calls its
@@ -35,9 +36,6 @@ from envtune.environments.tasks import load_function_docs
 from envtune.environments.types import ToolCall
 
 _log = structlog.get_logger(__name__)
-
-HINT_PREFIX = "\nHint: "
-"""What separates BFCL's result from the hint in the rendered observation."""
 
 MAX_HINT_CHARS = 600
 """Hints are cut to this length so that a long listing never floods the context."""
@@ -71,11 +69,6 @@ def augment_result(call: ToolCall, class_name: str, result: str, instance: objec
         return None
     hint = " ".join(hint.split())
     return hint if len(hint) <= MAX_HINT_CHARS else hint[: MAX_HINT_CHARS - 3] + "..."
-
-
-def render_with_hint(result: str, hint: str | None) -> str:
-    """The observation text: BFCL's result unchanged, then the hint on its own line when there is one."""
-    return result if not hint else f"{result}{HINT_PREFIX}{hint}"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from envtune.environments.instances import (
 )
 from envtune.environments.tasks import Task
 from envtune.environments.tool_calls import FormatError, parse_pythonic_calls
+from envtune.environments.types import ToolCall
 
 
 class GroundTruthError(RuntimeError):
@@ -128,3 +129,12 @@ class GroundTruthCache:
 
     def __len__(self) -> int:
         return len(self._traces)
+
+
+def ground_truth_calls(task: Task) -> list[list[ToolCall]]:
+    """The task's ground truth as structured calls (positional arguments bound to names)."""
+    positional = positional_names_for(task)
+    return [
+        [call for text in turn for call in parse_pythonic_calls(text, positional)]
+        for turn in task.ground_truth
+    ]

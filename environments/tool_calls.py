@@ -47,6 +47,16 @@ _BRACKET = re.compile(r"[\[\]{}]")
 _ENTRY_KEYS = frozenset({"name", "arguments"})
 
 
+ANSWER_REPLY = "<think>done</think><answer>Done.</answer>"
+"""A well-formed reply that ends the user turn without calling anything (scripted policies, tests)."""
+
+
+def format_reply(calls: Sequence[ToolCall], think: str = "calling") -> str:
+    """The paper-format reply that makes ``calls``: the inverse of ``parse_reply`` for a tool step."""
+    body = json.dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
+    return f"<think>{think}</think><tool_call>{body}</tool_call>"
+
+
 class FormatError(ValueError):
     """The reply breaks the output format; ``str(exc)`` is the message shown to the model."""
 

@@ -70,6 +70,15 @@ class PromptStyle(enum.StrEnum):
     """Stages 3-4: adds 'be resourceful' and 'prioritize clarity over assumptions'."""
 
 
+class RewardKind(enum.StrEnum):
+    """Which ``EpisodeScore`` field is the scalar a stage trains on."""
+
+    PROGRESS = "progress"
+    """R_P: passed turns over all turns of the task (stages 2-4)."""
+    STAGE1 = "stage1"
+    """I_tool * (R_format + R_tool), the syntax reward of stage 1 (docs/method.md §3.1)."""
+
+
 class StepCode(enum.IntEnum):
     """Per-step integer codes, the same values as paper.md §3.3."""
 
@@ -147,3 +156,7 @@ class EpisodeScore:
     def all_passed(self) -> bool:
         """BFCL's verdict for the whole task: every turn passed."""
         return all(self.turn_passed)
+
+    def reward(self, kind: RewardKind) -> float:
+        """The scalar a stage trains on."""
+        return self.stage1_reward if kind is RewardKind.STAGE1 else self.progress

@@ -1,54 +1,33 @@
-"""The off-policy-corrected LoRA learner: advantages, loss, packing, adapters, weight sync."""
+"""The off-policy-corrected LoRA learner: pure torch, knowing nothing of agents or the runtime.
 
-from .advantages import AdvantageConfig, GroupAdvantages, ZeroVariancePolicy, group_advantages
-from .learner import Learner, LearnerConfig, StepMetrics
-from .lora import QWEN2_TARGET_MODULES, LoraSettings, attach_lora, reference_mode
-from .losses import LossConfig, LossStats, WeightLevel, WeightMode, k3_kl, policy_loss
-from .packing import (
+This face re-exports only what needs no torch (the config records and the advantage rule), so the
+config schema can describe the learner without loading it. The torch modules are imported by path:
+``optim.learner`` (``Learner``, ``StepMetrics``), ``optim.losses`` (``policy_loss``, ``k3_kl``),
+``optim.packing`` (packed micro-batches, ``token_logprobs``) and ``optim.lora`` (peft adapters).
+"""
+
+from envtune.optim.advantages import GroupAdvantages, group_advantages, is_zero_variance
+from envtune.optim.config import (
+    QWEN2_TARGET_MODULES,
+    AdvantageConfig,
     Batching,
-    ModelBatch,
-    build_batch,
-    enable_packed_attention,
-    plan_microbatches,
-    token_logprobs,
-)
-from .weight_sync import (
-    AdapterPublisher,
-    AdapterSource,
-    PublishedAdapter,
-    PublisherStats,
-    WeightSyncError,
-    WeightSyncTarget,
+    LearnerConfig,
+    LoraSettings,
+    LossConfig,
+    WeightLevel,
+    WeightMode,
 )
 
 __all__ = [
     "QWEN2_TARGET_MODULES",
-    "AdapterPublisher",
-    "AdapterSource",
     "AdvantageConfig",
     "Batching",
     "GroupAdvantages",
-    "Learner",
     "LearnerConfig",
     "LoraSettings",
     "LossConfig",
-    "LossStats",
-    "ModelBatch",
-    "PublishedAdapter",
-    "PublisherStats",
-    "StepMetrics",
     "WeightLevel",
     "WeightMode",
-    "WeightSyncError",
-    "WeightSyncTarget",
-    "ZeroVariancePolicy",
-    "attach_lora",
-    "build_batch",
-    "enable_packed_attention",
     "group_advantages",
-    "k3_kl",
-    "plan_microbatches",
-    "policy_loss",
-    "reference_mode",
-    "token_logprobs",
+    "is_zero_variance",
 ]

@@ -1,40 +1,27 @@
-"""GRPO advantages: each episode's reward normalised within its group (paper eq. 5).
+"""GRPO advantages: each episode's reward normalised within its group (docs/method.md §6).
 
 A = (R - mean_G) / (std_G + eps), with no critic. A group whose rewards are all equal carries no
-policy-gradient signal; whether its episodes stay in the batch (advantage 0, still counted by the KL
-and entropy terms and by the token normaliser) or are dropped is a config choice, and the counts are
-returned so the learner can log them. Deliberately left out: reward shaping, per-turn credit.
+policy-gradient signal: its episodes get advantage 0 (still counted by the KL and entropy terms and
+by the token normaliser). Whether such a group reaches the learner at all is the curriculum's choice
+per stage, made with the same test, ``is_zero_variance``. Standard library only.
+Deliberately left out: reward shaping, per-turn credit.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .config import AdvantageConfig
 
-class ZeroVariancePolicy(enum.StrEnum):
-    """What to do with a group whose rewards are all equal."""
-
-    KEEP = "keep"
-    """Keep its episodes with advantage 0 (verl's and the paper's behaviour)."""
-    DROP = "drop"
-    """Drop its episodes from the batch (DAPO-style dynamic filtering, without the resampling)."""
+ZERO_VARIANCE_TOL = 1e-8
+"""Rewards whose range is at most this count as equal."""
 
 
-@dataclass(frozen=True, slots=True)
-class AdvantageConfig:
-    """How rewards become advantages."""
-
-    normalize_std: bool = True
-    """Divide by the group's standard deviation (GRPO); False gives Dr.GRPO's mean-centring only."""
-    eps: float = 1e-6
-    """Added to the standard deviation before dividing."""
-    zero_variance: ZeroVariancePolicy = ZeroVariancePolicy.KEEP
-    """Policy for groups whose rewards are all equal (and for singleton groups)."""
-    zero_variance_tol: float = 1e-8
-    """Rewards whose range is at most this count as equal."""
+def is_zero_variance(rewards: Sequence[float]) -> bool:
+    """True when a group's rewards carry no policy-gradient signal (fewer than two, or all equal)."""
+    return len(rewards) < 2 or max(rewards) - min(rewards) <= ZERO_VARIANCE_TOL
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +30,10 @@ class GroupAdvantages:
 
     advantages: tuple[float, ...]
     """One advantage per episode (0.0 for episodes of zero-variance groups)."""
-    keep: tuple[bool, ...]
-    """False for episodes dropped under ``ZeroVariancePolicy.DROP``."""
     num_groups: int
     """Distinct group ids in the batch."""
     num_zero_variance_groups: int
     """Groups whose rewards were all equal."""
-    num_dropped: int
-    """Episodes dropped (0 under ``KEEP``)."""
 
 
 def group_advantages(
@@ -70,15 +53,11 @@ def group_advantages(
         members.setdefault(g, []).append(i)
 
     advantages = [0.0] * len(rewards)
-    keep = [True] * len(rewards)
     zero_variance = 0
     for idx in members.values():
         values = [rewards[i] for i in idx]
-        if len(values) < 2 or max(values) - min(values) <= config.zero_variance_tol:
+        if is_zero_variance(values):
             zero_variance += 1
-            if config.zero_variance is ZeroVariancePolicy.DROP:
-                for i in idx:
-                    keep[i] = False
             continue
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
@@ -87,8 +66,6 @@ def group_advantages(
             advantages[i] = (rewards[i] - mean) / scale
     return GroupAdvantages(
         advantages=tuple(advantages),
-        keep=tuple(keep),
         num_groups=len(members),
         num_zero_variance_groups=zero_variance,
-        num_dropped=keep.count(False),
     )

@@ -2,7 +2,7 @@
 
 Order of a step (cleanrl-style, top to bottom in ``Learner.step``):
 
-1. group-normalised advantages (zero-variance groups kept or dropped, counted);
+1. group-normalised advantages (zero-variance groups get 0 and are counted);
 2. the batch is split into ``updates_per_step`` mini-batches, each into micro-batches of at most
    ``micro_batch_tokens`` computed positions (packed by default);
 3. proximal logprobs = the weights when the batch is taken. With one update per batch they equal
@@ -13,8 +13,8 @@ Order of a step (cleanrl-style, top to bottom in ``Learner.step``):
 5. gradient clipping, AdamW step, policy version + 1.
 
 ``step`` holds a lock, so the runtime may call it from a worker thread while other threads read
-``policy_version`` or save the adapter. Deliberately left out: the actor and the queue (runtime),
-publishing weights to engines (``weight_sync.py``).
+``policy_version`` or save the adapter. Deliberately left out: the actor and the queue, and
+publishing weights to engines (both in ``envtune.runtime``).
 """
 
 from __future__ import annotations
@@ -24,20 +24,19 @@ import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import torch
-from envtune.agents.trajectory import Trajectory
 
-from .advantages import AdvantageConfig, group_advantages
-from .lora import LoraSettings, adapter_state, attach_lora, load_adapter_state, reference_mode, save_adapter
+from .advantages import group_advantages
+from .config import Batching, LearnerConfig
+from .lora import adapter_state, attach_lora, load_adapter_state, reference_mode, save_adapter
 from .lora import trainable_parameters as lora_parameters
-from .losses import LossConfig, LossStats, policy_loss
+from .losses import LossStats, policy_loss
 from .packing import (
-    Batching,
     ModelBatch,
     build_batch,
     enable_packed_attention,
@@ -48,47 +47,28 @@ from .packing import (
 log = structlog.get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class LearnerConfig:
-    """Optimisation settings of the learner."""
+class TrainingSequence(Protocol):
+    """What the learner reads of one finished episode (``envtune.agents.Trajectory`` has it all;
+    optim declares only the shape, so it knows nothing of agents or runtime)."""
 
-    lr: float = 1e-6
-    """AdamW learning rate (paper: 1e-6, constant, no warm-up). Tiny CPU models need far more."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (verl's default)."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW betas."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Max global gradient norm (paper: 1.0); ``math.inf`` disables clipping."""
-    micro_batch_tokens: int = 8192
-    """Budget of computed positions per forward/backward (padding included in padded mode)."""
-    updates_per_step: int = 1
-    """Optimizer updates per batch (mini-batches). 1 reproduces the paper (the PPO clip is then inert
-    against the proximal policy, but the behaviour weight still corrects staleness)."""
-    batching: Batching = Batching.PACKED
-    """Packed (padding-free) or padded micro-batches."""
-    temperature: float = 1.0
-    """Sampling temperature the behaviour logprobs were taken at; logits are divided by it."""
-    autocast_dtype: str | None = None
-    """E.g. "bfloat16" to run forwards under CUDA autocast; None runs in the model's dtype."""
-    loss: LossConfig = field(default_factory=LossConfig)
-    """Loss hyper-parameters."""
-    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
-    """Advantage normalisation."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """Adapter shape (used only when the model is not already a peft model)."""
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-        if self.micro_batch_tokens < 1 or self.updates_per_step < 1:
-            raise ValueError("micro_batch_tokens and updates_per_step must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (greedy samples have no logprobs to train on)")
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def group_id(self) -> str: ...
+    @property
+    def token_ids(self) -> Sequence[int]: ...
+    @property
+    def loss_mask(self) -> Sequence[bool]: ...
+    @property
+    def behavior_logprobs(self) -> Sequence[float]: ...
+    @property
+    def policy_versions(self) -> Sequence[int]: ...
+    @property
+    def reward(self) -> float: ...
+    @property
+    def progress(self) -> float: ...
+    @property
+    def num_model_tokens(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +87,6 @@ class StepMetrics:
     """GRPO groups in the batch."""
     num_zero_variance_groups: int
     """Groups whose rewards were all equal."""
-    num_dropped_zero_variance: int
-    """Trajectories dropped because their group had zero variance."""
     num_loss_tokens: int
     """Sampled tokens trained on."""
     num_tokens: int
@@ -177,9 +155,18 @@ class Learner:
     """Off-policy-corrected GRPO on a LoRA adapter; ``step`` is synchronous and thread-safe."""
 
     def __init__(
-        self, model: torch.nn.Module, config: LearnerConfig = LearnerConfig(), *, device: str | None = None
+        self,
+        model: torch.nn.Module,
+        config: LearnerConfig = LearnerConfig(),
+        *,
+        temperature: float = 1.0,
+        device: str | None = None,
     ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (greedy samples cannot be trained), got {temperature}")
         self._config = config
+        self._temperature = temperature
+        """The rollouts' sampling temperature: logits are divided by it to match behaviour logprobs."""
         self._model = attach_lora(model, config.lora)
         if device is not None:
             self._model.to(device)
@@ -219,7 +206,7 @@ class Learner:
         """Calls to ``step`` that returned, updated or not."""
         return self._num_steps
 
-    def step(self, trajectories: Sequence[Trajectory]) -> StepMetrics:
+    def step(self, trajectories: Sequence[TrainingSequence]) -> StepMetrics:
         """Train on one batch; returns what happened. Raises ValueError on malformed trajectories."""
         if not trajectories:
             raise ValueError("step needs at least one trajectory")
@@ -233,13 +220,13 @@ class Learner:
         log.info("learner_step", **metrics.as_dict())
         return metrics
 
-    def _step_locked(self, trajectories: Sequence[Trajectory], started: float) -> StepMetrics:
+    def _step_locked(self, trajectories: Sequence[TrainingSequence], started: float) -> StepMetrics:
         cfg = self._config
         adv = group_advantages(
             [t.reward for t in trajectories], [t.group_id for t in trajectories], cfg.advantages
         )
         version_before = self._policy_version
-        chosen = [i for i, t in enumerate(trajectories) if adv.keep[i] and t.num_model_tokens > 0]
+        chosen = [i for i, t in enumerate(trajectories) if t.num_model_tokens > 0]
         prepared = [self._prepare(trajectories[i], adv.advantages[i], version_before) for i in chosen]
 
         rewards = [t.reward for t in trajectories]
@@ -249,7 +236,6 @@ class Learner:
             "num_trained": len(chosen),
             "num_groups": adv.num_groups,
             "num_zero_variance_groups": adv.num_zero_variance_groups,
-            "num_dropped_zero_variance": adv.num_dropped,
             "reward_mean": reward_mean,
             "reward_std": math.sqrt(sum((r - reward_mean) ** 2 for r in rewards) / len(rewards)),
             "progress_mean": sum(t.progress for t in trajectories) / len(trajectories),
@@ -329,7 +315,7 @@ class Learner:
             **summary,
         )
 
-    def _prepare(self, t: Trajectory, advantage: float, version: int) -> _Prepared:
+    def _prepare(self, t: TrainingSequence, advantage: float, version: int) -> _Prepared:
         idx = [j for j in range(1, len(t.token_ids)) if t.loss_mask[j]]
         return _Prepared(
             behavior=[t.behavior_logprobs[j] for j in idx],
@@ -346,7 +332,7 @@ class Learner:
         self._model.eval()
         ref = reference_mode(self._model) if reference else contextlib.nullcontext()
         with torch.no_grad(), ref, self._autocast():
-            logp, _ = token_logprobs(self._model, batch, temperature=self._config.temperature)
+            logp, _ = token_logprobs(self._model, batch, temperature=self._temperature)
         return logp
 
     def _update(
@@ -376,7 +362,7 @@ class Learner:
             self._model.train()
             with self._autocast():
                 logp, entropy = token_logprobs(
-                    self._model, batch, temperature=cfg.temperature, with_entropy=True
+                    self._model, batch, temperature=self._temperature, with_entropy=True
                 )
             if entropy is not None and cfg.loss.entropy_coef == 0:
                 entropy = entropy.detach()

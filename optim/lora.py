@@ -9,39 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-QWEN2_TARGET_MODULES: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-)
-"""Every linear layer of a Qwen2 decoder block."""
-
-
-@dataclass(frozen=True, slots=True)
-class LoraSettings:
-    """LoRA hyper-parameters."""
-
-    rank: int = 16
-    """Adapter rank r."""
-    alpha: float = 32.0
-    """Scaling numerator: the update is (alpha / r) · B A."""
-    dropout: float = 0.0
-    """LoRA dropout. Keep 0: with dropout the proximal (no-grad) and training passes differ and the
-    on-policy ratio is no longer exactly 1."""
-    target_modules: tuple[str, ...] = QWEN2_TARGET_MODULES
-    """Module names that get an adapter."""
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty")
+from .config import LoraSettings
 
 
 def attach_lora(model: torch.nn.Module, settings: LoraSettings = LoraSettings()) -> PeftModel:

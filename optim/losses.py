@@ -18,70 +18,12 @@ Deliberately left out: the forward pass, packing and optimisation (see ``learner
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, fields
 
 import torch
 
-
-class WeightLevel(enum.StrEnum):
-    """Granularity of the behaviour importance weight."""
-
-    TOKEN = "token"
-    """One weight per token: proximal/behaviour of that token."""
-    SEQUENCE = "sequence"
-    """One weight per sequence: the geometric mean of its token weights (a product over thousands of
-    tokens is numerically degenerate; GSPO and SkyRL's geometric mask use the same mean)."""
-
-
-class WeightMode(enum.StrEnum):
-    """What happens to a behaviour weight outside its bounds."""
-
-    TRUNCATE = "truncate"
-    """min(weight, cap): truncated importance sampling (TIS)."""
-    MASK = "mask"
-    """Weights outside [floor, cap] zero the policy-gradient term of their tokens (or sequences)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LossConfig:
-    """Loss hyper-parameters; defaults are paper.md §2.2 / §7 values where the paper has one."""
-
-    clip_low: float = 0.2
-    """PPO ratio lower clip: 1 - clip_low (paper ε_low)."""
-    clip_high: float = 0.28
-    """PPO ratio upper clip: 1 + clip_high (paper ε_high, DAPO clip-higher)."""
-    dual_clip: float | None = 10.0
-    """Dual-clip constant c for negative advantages (released config); None disables it."""
-    behavior_correction: bool = True
-    """Multiply by the behaviour weight proximal/behaviour; False trusts the engine's logprobs as-is."""
-    behavior_weight_cap: float = 2.0
-    """Upper bound of the behaviour weight (verl's ``rollout_is_threshold`` and slime's TIS default)."""
-    behavior_weight_floor: float = 0.0
-    """Lower bound, used only by ``WeightMode.MASK`` (truncation only caps from above)."""
-    behavior_weight_level: WeightLevel = WeightLevel.TOKEN
-    """Token- or sequence-level behaviour weight."""
-    behavior_weight_mode: WeightMode = WeightMode.TRUNCATE
-    """Truncate or mask out-of-bound behaviour weights."""
-    kl_coef: float = 0.1
-    """β of the k3 ("low_var_kl") KL to the reference policy; 0 skips the reference forward pass."""
-    entropy_coef: float = 0.001
-    """Weight of the entropy bonus (subtracted from the loss)."""
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.clip_low < 1:
-            raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
-        if self.clip_high < 0:
-            raise ValueError(f"clip_high must be >= 0, got {self.clip_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.behavior_weight_cap <= 0:
-            raise ValueError(f"behavior_weight_cap must be > 0, got {self.behavior_weight_cap}")
-        if not 0 <= self.behavior_weight_floor < self.behavior_weight_cap:
-            raise ValueError("behavior_weight_floor must be in [0, behavior_weight_cap)")
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            raise ValueError("kl_coef and entropy_coef must be >= 0")
+from .config import LossConfig, WeightLevel, WeightMode
 
 
 @dataclass(frozen=True, slots=True)

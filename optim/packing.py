@@ -21,7 +21,6 @@ of its own), gradient checkpointing.
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,20 +30,13 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .config import Batching
+
 PACKED_ATTENTION = "envtune_packed_sdpa"
 """Name under which the segment-wise sdpa is registered with transformers."""
 
 _NATIVE_PACKED = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 """Implementations that handle restarting position_ids themselves."""
-
-
-class Batching(enum.StrEnum):
-    """How a micro-batch of sequences becomes model input."""
-
-    PACKED = "packed"
-    """One row, position_ids restarting per sequence, no padding."""
-    PADDED = "padded"
-    """Right-padded rows with an attention mask (baseline)."""
 
 
 @dataclass(frozen=True, slots=True)

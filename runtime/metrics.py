@@ -2,9 +2,9 @@
 
 ``MetricsRecorder`` is an actor that samples every ``interval_s`` (and once more when stopped)
 and turns the counters into rates: episodes/s, tokens/s, queue depth, in-flight count, the
-staleness histogram and drops per reason. Each ``MetricsRecord`` is emitted as one structlog event
-(``runtime.metrics``) and handed to ``on_record`` so the entry point can append it to its
-``metrics.jsonl``: metrics are records kept apart from logs, the log event is a convenience.
+staleness histogram and drops per reason. Each ``MetricsRecord`` is handed to ``on_record`` so the
+entry point can append it to its ``metrics.jsonl`` (and is logged at debug level): metrics are
+records kept apart from logs.
 
 Left out: learner metrics (the learner reports its own) and any file writing.
 """
@@ -19,9 +19,34 @@ from typing import Any
 
 import structlog
 from envtune.runtime.actors import Actor, MailboxStatistics
+from envtune.runtime.records import DropReason
 from envtune.runtime.rollout import RolloutActor, RolloutStatistics
 
 log = structlog.get_logger(__name__)
+
+
+class RateMeter:
+    """Episodes/s and tokens/s of a rollout between two readings (each reader keeps its own meter)."""
+
+    def __init__(self) -> None:
+        self._last: RolloutStatistics | None = None
+        self._last_t = 0.0
+
+    def rates(self, stats: RolloutStatistics, now: float) -> tuple[float, float]:
+        """(episodes/s, tokens/s) of completed episodes since the previous reading; 0 at the first.
+
+        A zero-length interval has no rate: its counts roll into the next reading's interval.
+        """
+        previous, dt = self._last, now - self._last_t
+        if previous is None:
+            self._last, self._last_t = stats, now
+            return 0.0, 0.0
+        if dt <= 0:
+            return 0.0, 0.0
+        completed = stats.episodes_completed - previous.episodes_completed
+        tokens = stats.generated_tokens - previous.generated_tokens
+        self._last, self._last_t = stats, now
+        return completed / dt, tokens / dt
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +75,7 @@ class MetricsRecord:
     """Cumulative episodes completed."""
     episodes_dropped: int
     """Cumulative episodes dropped."""
-    dropped_by_reason: Mapping[str, int]
+    dropped_by_reason: Mapping[DropReason, int]
     """Cumulative drops per reason (``dropped/<reason>``)."""
     in_flight: int
     """Episodes started and not yet completed or dropped."""
@@ -68,7 +93,7 @@ class MetricsRecord:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (mapping keys as strings) for ``metrics.jsonl``."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["dropped_by_reason"] = dict(self.dropped_by_reason)
+        out["dropped_by_reason"] = {str(k): v for k, v in self.dropped_by_reason.items()}
         out["staleness"] = {str(k): v for k, v in self.staleness.items()}
         return out
 
@@ -98,7 +123,7 @@ class MetricsRecorder(Actor[SampleNow]):
         self._records: collections.deque[MetricsRecord] = collections.deque(maxlen=keep_last)
         self._t0: float | None = None
         self._last_t = 0.0
-        self._last: RolloutStatistics | None = None
+        self._meter = RateMeter()
 
     def records(self) -> tuple[MetricsRecord, ...]:
         """The most recent records, oldest first (at most ``keep_last``)."""
@@ -110,16 +135,16 @@ class MetricsRecorder(Actor[SampleNow]):
         if self._t0 is None:
             self._t0 = self._last_t = now
         stats = self._rollout.statistics()
-        previous = self._last
         dt = now - self._last_t
-        completed = stats.episodes_completed - (previous.episodes_completed if previous else 0)
-        tokens = stats.generated_tokens - (previous.generated_tokens if previous else 0)
+        episodes_per_s, tokens_per_s = self._meter.rates(stats, now)
+        if dt > 0:
+            self._last_t = now
         queue = self._queue() if self._queue is not None else None
         record = MetricsRecord(
             time_s=now - self._t0,
             interval_s=dt,
-            episodes_per_s=completed / dt if dt > 0 else 0.0,
-            tokens_per_s=tokens / dt if dt > 0 else 0.0,
+            episodes_per_s=episodes_per_s,
+            tokens_per_s=tokens_per_s,
             episodes_started=stats.episodes_started,
             episodes_completed=stats.episodes_completed,
             episodes_dropped=stats.episodes_dropped,
@@ -131,11 +156,8 @@ class MetricsRecorder(Actor[SampleNow]):
             staleness=stats.staleness_at_emission,
             label=label,
         )
-        if dt > 0 or previous is None:
-            # A zero-length interval has no rate: its counts roll into the next record's interval.
-            self._last, self._last_t = stats, now
         self._records.append(record)
-        log.info("runtime.metrics", **record.as_dict())
+        log.debug("runtime.metrics", **record.as_dict())
         if self._on_record is not None:
             self._on_record(record)
         return record

@@ -1,7 +1,7 @@
 """The rollout actor: runs GRPO groups of episodes concurrently and hands finished groups on.
 
-This is the runtime's one larger file: dispatch, the staleness gate and the per-episode
-accounting share one piece of state (who is in flight, under which version) and read best together.
+Dispatch, the staleness gate and the per-episode accounting share one piece of state (who is in
+flight, under which version) and read best together in this one module.
 
 * **One task per episode**, all owned by the actor's TaskGroup, at most
   ``max_concurrent_episodes`` at once (a semaphore). Episodes are run by an injected
@@ -16,159 +16,74 @@ accounting share one piece of state (who is in flight, under which version) and 
 * **Backpressure.** The last member of a group holds its concurrency slot until the sink accepted
   the group, so a full trajectory queue stops dispatch instead of piling up finished groups.
 * **Accounting.** Every episode started ends exactly once, as *completed* (emitted in a group)
-  or *dropped* with a reason: the runner's exception type name, ``timeout``, ``cancelled``,
-  ``invalid_trajectory``, ``group_incomplete`` or ``stale``. ``started == completed + dropped +
-  in_flight`` at every await point.
+  or *dropped* with a ``DropReason``. ``started == completed + dropped + in_flight`` at every
+  await point.
 * **Shutdown.** On ``Stop``: dispatch ends, in-flight episodes get ``drain_timeout_s`` to finish,
   the rest are cancelled (dropped as ``cancelled``); finished groups are still emitted.
 
-Engine retries live in ``RetryingEngine`` (wrap the engine the runner uses); environment
-exceptions are turned into error observations inside the episode runner, not here.
-``run_synchronous_batches`` is the reference loop: the same work in lock-step batches.
+Left out: engine retries (the engine client owns them) and environment failures (the episode turns
+them into error observations). ``runtime.reference.run_synchronous_batches`` is the reference loop:
+the same work in lock-step batches.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
+from envtune.agents.engine import EngineError
 from envtune.agents.trajectory import Trajectory
-from envtune.runtime.actors import Actor, MailboxStatistics
-from envtune.runtime.engines.base import Completion, Engine, EngineError, GenerateRequest
+from envtune.runtime.actors import Actor, ActorStatistics
+from envtune.runtime.records import (
+    DropReason,
+    EpisodeRunner,
+    GroupsDiscarded,
+    GroupSink,
+    PolicyUpdated,
+    TaskSource,
+    TrajectoryGroup,
+    is_stale,
+)
 
 log = structlog.get_logger(__name__)
-
-
-# --------------------------------------------------------------------------------------------
-# Records and protocols at the boundary
-
-
-class TaskLike(Protocol):
-    """What the rollout needs of a task spec: its id (the curriculum's ``TaskSpec`` carries more)."""
-
-    @property
-    def task_id(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
-    """A minimal task spec (tests, benchmarks); the curriculum scheduler hands out its own."""
-
-    task_id: str
-    """BFCL task id."""
-    stage: int = 0
-    """Curriculum stage the group is run in (1-4; 0 outside a curriculum)."""
-
-
-class TaskSource(Protocol):
-    """Where tasks come from: the curriculum scheduler (synchronous) or any async source.
-
-    ``next_task`` may return the spec directly or an awaitable of it; None means no more work.
-    An exception from it is a bug and ends the rollout actor.
-    """
-
-    def next_task(self) -> TaskLike | Awaitable[TaskLike | None] | None: ...
-
-
-class IteratorTaskSource:
-    """A ``TaskSource`` over a finite or endless iterable of task specs."""
-
-    def __init__(self, tasks: Iterable[TaskLike]) -> None:
-        self._tasks = iter(tasks)
-
-    def next_task(self) -> TaskLike | None:
-        return next(self._tasks, None)
-
-
-EpisodeRunner = Callable[[Any, str, int], Awaitable[Trajectory]]
-"""``run_episode(task, group_id, start_version) -> Trajectory``: one whole episode; may raise."""
-
-
-@dataclass(frozen=True, slots=True)
-class TrajectoryGroup:
-    """The finished members of one GRPO group: what the learner consumes."""
-
-    group_id: str
-    """Unique id; equals ``group_id`` of every trajectory in it."""
-    task: Any
-    """The task spec every member ran (what the task source handed out)."""
-    start_version: int
-    """Policy version current when the group was dispatched."""
-    trajectories: tuple[Trajectory, ...]
-    """Completed members (``min_group_size`` <= len <= ``group_size``)."""
-    size: int
-    """Members started (the rest of ``trajectories`` up to it were dropped)."""
-    emitted_version: int
-    """Policy version current when the group was emitted."""
-
-    def staleness(self, trainer_version: int) -> int:
-        """Versions between dispatch and a learner step at ``trainer_version``."""
-        return trainer_version - self.start_version
-
-
-class GroupSink(Protocol):
-    """Receives finished groups (an actor or a ``Mailbox``); ``send`` waits when full."""
-
-    async def send(self, message: TrajectoryGroup) -> None: ...
-
-
-# --------------------------------------------------------------------------------------------
-# Messages the rollout actor accepts
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyUpdated:
-    """The engine now serves this policy version (sent by weight sync after the swap)."""
-
-    version: int
-    """New policy version (never lower than the previous one)."""
-
-
-@dataclass(frozen=True, slots=True)
-class GroupsDiscarded:
-    """Groups the learner received but did not train on; they give their admission slots back."""
-
-    count: int
-    """How many groups."""
-    reason: str = "stale"
-    """Why (for logs)."""
-
 
 RolloutMessage = PolicyUpdated | GroupsDiscarded
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration, retries, staleness gate
+# Configuration and the staleness gate
 
 
 @dataclass(frozen=True, slots=True)
 class RolloutConfig:
-    """How the rollout actor dispatches and accounts episodes."""
+    """How the rollout actor dispatches and accounts episodes (the run config's ``rollout`` section)."""
 
-    max_concurrent_episodes: int = 256
-    """Episodes running at once (each holds one slot; slots bound engine load and memory)."""
     group_size: int = 16
-    """n, episodes per task per group (GRPO)."""
+    """n, episodes per task in a GRPO group (the release's ``rollout.n`` = 16)."""
     min_group_size: int = 2
-    """Fewest completed members a group may be emitted with; fewer drops the group."""
-    max_staleness: int | None = 4
-    """eta: most learner versions between a group's dispatch and the step that trains it; None is
-    unbounded (no gate, no stale drops)."""
+    """Fewest completed members a group may be emitted with (GRPO needs two rewards to compare)."""
     groups_per_step: int = 32
-    """Groups the learner consumes per optimizer step (must match the learner's batch)."""
+    """Groups per learner step (the release's ``train_batch_size`` = 32 prompts); the staleness
+    gate counts admissions in these units and the learner trains on this many."""
+    max_staleness: int | None = 1
+    """eta: most learner versions between a group's dispatch and the step that trains it (AReaL's
+    bound); ``none`` is unbounded (no gate, no stale drops)."""
+    max_concurrent_episodes: int = 1024
+    """Episodes running at once (each holds one engine request; bounds engine load and memory);
+    1024 = 64 groups of 16 in flight."""
+    episode_timeout_s: float | None = None
+    """Per-episode wall-clock limit (``none``: no limit); an episode over it is dropped as ``timeout``."""
+    drain_timeout_s: float = 0.0
+    """On stop, how long in-flight episodes may run before they are cancelled. 0 for training: an
+    episode still running when the run ends would never be trained."""
     mailbox_size: int = 64
     """Bound of the actor's control mailbox."""
-    drain_timeout_s: float = 30.0
-    """On stop, how long in-flight episodes may run before they are cancelled."""
-    episode_timeout_s: float | None = None
-    """Per-episode wall-clock limit (None: no limit); an episode over it is dropped as timeout."""
 
     def __post_init__(self) -> None:
         if self.max_concurrent_episodes < 1:
@@ -183,52 +98,8 @@ class RolloutConfig:
             raise ValueError(f"groups_per_step must be >= 1, got {self.groups_per_step}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Bounded exponential backoff for retryable engine errors."""
-
-    max_attempts: int = 4
-    """Tries per engine call, the first included."""
-    backoff_s: float = 0.5
-    """Wait before the second try; doubled for each further one."""
-    backoff_max_s: float = 8.0
-    """Cap on one wait."""
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-
-    def delay(self, failed_attempts: int) -> float:
-        """Wait after ``failed_attempts`` (>= 1) failures."""
-        return min(self.backoff_s * 2 ** (failed_attempts - 1), self.backoff_max_s)
-
-
-class RetryingEngine:
-    """An ``Engine`` that retries ``EngineError(retryable=True)``; the episode runner uses it."""
-
-    def __init__(self, engine: Engine, policy: RetryPolicy = RetryPolicy()) -> None:
-        self._engine = engine
-        self._policy = policy
-        self.retries = 0
-        """Retries made so far (all calls)."""
-
-    async def generate(self, request: GenerateRequest) -> Sequence[Completion]:
-        failures = 0
-        while True:
-            try:
-                return await self._engine.generate(request)
-            except EngineError as exc:
-                failures += 1
-                if not exc.retryable or failures >= self._policy.max_attempts:
-                    raise
-                self.retries += 1
-                log.debug("engine.retry", attempt=failures, error=str(exc))
-                await asyncio.sleep(self._policy.delay(failures))
-
-    async def close(self) -> None:
-        await self._engine.close()
+        if self.episode_timeout_s is not None and not self.episode_timeout_s > 0:
+            raise ValueError(f"episode_timeout_s must be > 0 or None, got {self.episode_timeout_s}")
 
 
 class StalenessGate:
@@ -267,7 +138,7 @@ class StalenessGate:
 
     def is_stale(self, start_version: int, version: int) -> bool:
         """True when a group started under ``start_version`` can no longer train within the bound."""
-        return self.max_staleness is not None and version - start_version > self.max_staleness
+        return is_stale(start_version, version, self.max_staleness)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,8 +146,8 @@ class StalenessGate:
 
 
 @dataclass(frozen=True, slots=True)
-class RolloutStatistics:
-    """A snapshot of the rollout actor."""
+class RolloutStatistics(ActorStatistics):
+    """A snapshot of the rollout actor (the actor's own fields, then the rollout's)."""
 
     episodes_started: int
     """Episodes handed to the runner."""
@@ -284,11 +155,11 @@ class RolloutStatistics:
     """Episodes emitted in a group."""
     episodes_dropped: int
     """Episodes that ended without being emitted (sum of ``dropped_by_reason``)."""
-    dropped_by_reason: Mapping[str, int]
+    dropped_by_reason: Mapping[DropReason, int]
     """Dropped episodes per reason."""
     in_flight: int
     """Started and not yet completed or dropped (running, or done and waiting for its group)."""
-    running: int
+    episodes_running: int
     """Episodes whose runner is still running."""
     groups_started: int
     """Groups dispatched."""
@@ -306,8 +177,6 @@ class RolloutStatistics:
     """Groups the staleness gate would still admit now (None: unbounded)."""
     dispatching: bool
     """True while the dispatcher may start more groups."""
-    mailbox: MailboxStatistics
-    """The control mailbox."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +230,7 @@ class RolloutActor(Actor[RolloutMessage]):
         self._started = 0
         self._episodes_running = 0
         self._completed = 0
-        self._dropped: Counter[str] = Counter()
+        self._dropped: Counter[DropReason] = Counter()
         self._groups_emitted = 0
         self._groups_dropped = 0
         self._tokens = 0
@@ -373,15 +242,20 @@ class RolloutActor(Actor[RolloutMessage]):
         """Wait until the task source is exhausted and every group has ended."""
         await self._done.wait()
 
-    def statistics(self) -> RolloutStatistics:  # type: ignore[override]
+    def statistics(self) -> RolloutStatistics:
         dropped = sum(self._dropped.values())
+        actor = super().statistics()
         return RolloutStatistics(
+            name=actor.name,
+            mailbox=actor.mailbox,
+            processed=actor.processed,
+            running=actor.running,
             episodes_started=self._started,
             episodes_completed=self._completed,
             episodes_dropped=dropped,
             dropped_by_reason=MappingProxyType(dict(self._dropped)),
             in_flight=self._started - self._completed - dropped,
-            running=self._episodes_running,
+            episodes_running=self._episodes_running,
             groups_started=self._gate.started,
             groups_emitted=self._groups_emitted,
             groups_dropped=self._groups_dropped,
@@ -390,7 +264,6 @@ class RolloutActor(Actor[RolloutMessage]):
             staleness_at_emission=MappingProxyType(dict(sorted(self._staleness.items()))),
             admission_capacity=self._gate.capacity(self._version),
             dispatching=self._dispatching,
-            mailbox=self.mailbox.statistics(),
         )
 
     # -- actor plumbing -------------------------------------------------------------------------
@@ -415,7 +288,7 @@ class RolloutActor(Actor[RolloutMessage]):
                 self._capacity_changed.set()
             case GroupsDiscarded(count=count, reason=reason):
                 self._gate.discarded += count
-                log.info("rollout.groups_discarded", count=count, reason=reason)
+                log.debug("rollout.groups_discarded", count=count, reason=str(reason))
                 self._capacity_changed.set()
             case _:
                 raise TypeError(f"{self.name}: unexpected message {message!r}")
@@ -457,9 +330,7 @@ class RolloutActor(Actor[RolloutMessage]):
             while not self._gate.admits(self._version):
                 self._capacity_changed.clear()
                 await self._capacity_changed.wait()
-            task = self._tasks.next_task()
-            if inspect.isawaitable(task):
-                task = await task
+            task = await self._tasks.next_task()
             if task is None:
                 break
             group = _Group(f"{self.name}-{next(self._group_ids):07d}", task, self._version)
@@ -496,7 +367,7 @@ class RolloutActor(Actor[RolloutMessage]):
         finally:
             self._slots.release()
 
-    async def _run_one(self, group: _Group) -> str | None:
+    async def _run_one(self, group: _Group) -> DropReason | None:
         """Run the episode; its trajectory joins the group, or the drop reason comes back."""
         try:
             if self.config.episode_timeout_s is None:
@@ -507,20 +378,23 @@ class RolloutActor(Actor[RolloutMessage]):
         except asyncio.CancelledError:
             self._episodes_running -= 1
             group.resolved += 1
-            self._drop("cancelled")
+            self._drop(DropReason.CANCELLED)
             raise
         except TimeoutError:
-            return "timeout"
+            return DropReason.TIMEOUT
+        except EngineError as exc:
+            log.warning("rollout.engine_error", group_id=group.group_id, error=str(exc))
+            return DropReason.ENGINE_ERROR
         except Exception as exc:  # a bad rollout is data: counted, logged, not a crash
             log.warning("rollout.episode_failed", group_id=group.group_id, error=repr(exc))
-            return type(exc).__name__
+            return DropReason.EPISODE_ERROR
         if (
             not isinstance(trajectory, Trajectory)
             or trajectory.group_id != group.group_id
             or trajectory.task_id != group.task.task_id
         ):
             log.error("rollout.invalid_trajectory", group_id=group.group_id, got=type(trajectory).__name__)
-            return "invalid_trajectory"
+            return DropReason.INVALID_TRAJECTORY
         group.trajectories.append(trajectory)
         return None
 
@@ -532,9 +406,9 @@ class RolloutActor(Actor[RolloutMessage]):
         members = tuple(group.trajectories)
         group.trajectories.clear()
         if self._gate.is_stale(group.start_version, self._version):
-            self._drop_group(members, "stale")
+            self._drop_group(members, DropReason.STALE)
         elif len(members) < self.config.min_group_size:
-            self._drop_group(members, "group_incomplete")
+            self._drop_group(members, DropReason.GROUP_INCOMPLETE)
         else:
             out = TrajectoryGroup(
                 group_id=group.group_id,
@@ -547,11 +421,11 @@ class RolloutActor(Actor[RolloutMessage]):
             try:
                 await self._sink.send(out)
             except asyncio.CancelledError:
-                self._drop_group(members, "cancelled")
+                self._drop_group(members, DropReason.CANCELLED)
                 raise
             except Exception as exc:  # the sink refused (closed): count, never lose silently
                 log.error("rollout.emit_failed", group_id=group.group_id, error=repr(exc))
-                self._drop_group(members, type(exc).__name__)
+                self._drop_group(members, DropReason.EMIT_FAILED)
             else:
                 self._completed += len(members)
                 self._groups_emitted += 1
@@ -559,11 +433,11 @@ class RolloutActor(Actor[RolloutMessage]):
                 self._staleness[self._version - group.start_version] += 1
         self._check_done()
 
-    def _drop(self, reason: str, episodes: int = 1) -> None:
+    def _drop(self, reason: DropReason, episodes: int = 1) -> None:
         if episodes:
             self._dropped[reason] += episodes
 
-    def _drop_group(self, members: tuple[Trajectory, ...], reason: str) -> None:
+    def _drop_group(self, members: tuple[Trajectory, ...], reason: DropReason) -> None:
         self._drop(reason, len(members))
         self._groups_dropped += 1
         self._gate.discarded += 1
@@ -572,7 +446,7 @@ class RolloutActor(Actor[RolloutMessage]):
     def _abandon_unfinished_groups(self) -> None:
         """On cancellation: finished members of groups that never finalized are dropped."""
         for group in list(self._groups.values()):
-            self._drop_group(tuple(group.trajectories), "cancelled")
+            self._drop_group(tuple(group.trajectories), DropReason.CANCELLED)
             group.trajectories.clear()
         self._groups.clear()
         self._open_group = None
@@ -580,71 +454,3 @@ class RolloutActor(Actor[RolloutMessage]):
     def _check_done(self) -> None:
         if not self._dispatching and not self._groups and self._episodes_running == 0:
             self._done.set()
-
-
-# --------------------------------------------------------------------------------------------
-# Reference loop
-
-
-@dataclass(frozen=True, slots=True)
-class SynchronousResult:
-    """What ``run_synchronous_batches`` produced."""
-
-    groups: tuple[TrajectoryGroup, ...]
-    """Emitted groups, in batch order."""
-    dropped_by_reason: Mapping[str, int]
-    """Dropped episodes per reason (same reasons as the actor)."""
-    episodes_started: int
-    """Episodes run."""
-
-
-async def run_synchronous_batches(
-    tasks: Iterable[Any],
-    run_episode: EpisodeRunner,
-    *,
-    group_size: int,
-    groups_per_batch: int,
-    min_group_size: int = 2,
-    policy_version: int = 0,
-    group_prefix: str = "sync",
-) -> SynchronousResult:
-    """The reference loop: groups in lock-step batches, each batch waiting for its slowest episode.
-
-    Same grouping and drop rules as ``RolloutActor`` with no staleness (one version); it is what
-    the actor must reproduce (tests compare them) and the synchronous baseline of the benchmark.
-    """
-    specs = list(tasks)
-    groups: list[TrajectoryGroup] = []
-    dropped: Counter[str] = Counter()
-    started = 0
-    for first in range(0, len(specs), groups_per_batch):
-        chunk = specs[first : first + groups_per_batch]
-        batch = [(f"{group_prefix}-{first + i:07d}", spec) for i, spec in enumerate(chunk)]
-        async with asyncio.TaskGroup() as tg:
-            runs = [
-                [tg.create_task(_settle(run_episode(spec, gid, policy_version))) for _ in range(group_size)]
-                for gid, spec in batch
-            ]
-        started += len(batch) * group_size
-        for (gid, spec), members in zip(batch, runs, strict=True):
-            done = []
-            for member in members:
-                outcome = member.result()
-                if isinstance(outcome, Trajectory):
-                    done.append(outcome)
-                else:
-                    dropped[outcome] += 1
-            if len(done) < min_group_size:
-                if done:
-                    dropped["group_incomplete"] += len(done)
-                continue
-            groups.append(TrajectoryGroup(gid, spec, policy_version, tuple(done), group_size, policy_version))
-    return SynchronousResult(tuple(groups), MappingProxyType(dict(dropped)), started)
-
-
-async def _settle(episode: Awaitable[Trajectory]) -> Trajectory | str:
-    """The trajectory, or the drop reason the actor would record."""
-    try:
-        return await episode
-    except Exception as exc:
-        return type(exc).__name__

@@ -5,10 +5,8 @@ Shutdown order (``STOP_ORDER``) follows the data, upstream first, so nothing is 
 1. ``rollout``   stops dispatching; in-flight episodes finish within its grace period or are
    cancelled (counted as dropped/cancelled); finished groups are sent to the trajectory queue.
 2. ``learner``   its mailbox *is* the trajectory queue: ``Stop`` lands behind the last group, so the
-   queue is drained into the learner before it stops.
-3. ``weight_sync`` publishes nothing more once the learner is done.
-4. ``scheduler`` the curriculum scheduler goes last: rollout and learner may still ask it things.
-5. ``metrics``   records the final state of everything above.
+   queue is drained into the learner before it stops (it publishes and checkpoints on the way out).
+3. ``metrics``   records the final state of everything above.
 
 Each actor gets ``Stop`` and is awaited before the next one is asked; one that does not finish
 within ``stop_timeout_s`` is cancelled. Actors that are not in ``STOP_ORDER`` (or the order given)
@@ -28,7 +26,7 @@ from envtune.runtime.actors import Actor, MailboxClosed
 
 log = structlog.get_logger(__name__)
 
-STOP_ORDER: tuple[str, ...] = ("rollout", "learner", "weight_sync", "scheduler", "metrics")
+STOP_ORDER: tuple[str, ...] = ("rollout", "learner", "metrics")
 """Actor names in the order they are stopped (see the module docstring for why)."""
 
 

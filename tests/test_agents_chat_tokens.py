@@ -5,20 +5,9 @@ from __future__ import annotations
 import pytest
 from envtune.agents.chat_tokens import ChatTemplateError, ChatTokenizer
 from envtune.environments.types import Message
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(build_tiny_model(default_tiny_model_dir()))
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer) -> ChatTokenizer:
-    return ChatTokenizer(tokenizer)
 
 
 def _template_ids(tokenizer, messages: list[Message], *, add_generation_prompt: bool) -> list[int]:

@@ -8,31 +8,17 @@ from dataclasses import dataclass, field
 
 import pytest
 import xgrammar
-from envtune.agents import AgentConfig, ChatTokenizer, RewardKind, run_episode, run_episode_sync
-from envtune.environments import BfclEnvironment, EpisodeConfig, load_function_docs, load_tasks
-from envtune.environments.ground_truth import positional_names_for
-from envtune.environments.tool_calls import parse_pythonic_calls
-from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepCode, StepResult
-from envtune.runtime.engines.base import (
+from envtune.agents import AgentConfig, ChatTokenizer, SamplingConfig, run_episode, run_episode_sync
+from envtune.agents.engine import (
     Completion,
     EngineError,
     FinishReason,
     GenerateRequest,
-    SamplingParams,
 )
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
-from transformers import AutoTokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(build_tiny_model(default_tiny_model_dir()))
-
-
-@pytest.fixture(scope="module")
-def chat(tokenizer) -> ChatTokenizer:
-    return ChatTokenizer(tokenizer)
-
+from envtune.environments import BfclEnvironment, EpisodeConfig, RewardKind, load_function_docs, load_tasks
+from envtune.environments.ground_truth import positional_names_for
+from envtune.environments.tool_calls import parse_pythonic_calls
+from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepCode, StepResult
 
 # --- fakes -----------------------------------------------------------------------------------------
 
@@ -195,7 +181,7 @@ async def test_async_loop_agrees_with_the_reference_loop(chat: ChatTokenizer) ->
 
 async def test_requests_stop_at_end_of_turn_and_carry_the_turns_constraint(chat: ChatTokenizer) -> None:
     engine = ScriptedEngine(chat, list(SCRIPT))
-    config = AgentConfig(sampling=SamplingParams(max_new_tokens=64, temperature=0.7, stop_token_ids=(0,)),
+    config = AgentConfig(sampling=SamplingConfig(max_new_tokens=64, temperature=0.7, stop_token_ids=(0,)),
                          constrained=True, adapter="policy-3")
     await run_episode(engine, FakeEpisode(), chat, config, task_id="t", group_id="g", affinity_key="ep-1")
     for request in engine.requests:
@@ -227,8 +213,8 @@ async def test_the_total_token_cap_truncates(chat: ChatTokenizer) -> None:
     prompt_len = len(chat.render_prompt(FakeEpisode().start()))
     cap = prompt_len + 60  # room for the first reply and its feedback, not for the whole episode
     engine = ScriptedEngine(chat, list(SCRIPT))
-    traj = await run_episode(engine, FakeEpisode(), chat, AgentConfig(max_total_tokens=cap),
-                             task_id="t", group_id="g")
+    config = AgentConfig(sampling=SamplingConfig(max_episode_tokens=cap))
+    traj = await run_episode(engine, FakeEpisode(), chat, config, task_id="t", group_id="g")
     assert traj.truncated
     assert len(traj.token_ids) <= cap
     assert traj.progress == 0.0 and traj.turn_passed == (False, False)
@@ -239,7 +225,7 @@ async def test_the_total_token_cap_truncates(chat: ChatTokenizer) -> None:
 
 async def test_the_reply_cap_truncates(chat: ChatTokenizer) -> None:
     engine = ScriptedEngine(chat, [Reply(TOOL)] * 3)
-    config = AgentConfig(max_replies=3)
+    config = AgentConfig(sampling=SamplingConfig(max_replies=3))
     traj = await run_episode(engine, FakeEpisode(), chat, config, task_id="t", group_id="g")
     assert traj.truncated and len(engine.requests) == 3 and traj.step_codes == (-1, -1, -1)
 
@@ -271,9 +257,19 @@ async def test_engine_failures_raise_engine_error(chat: ChatTokenizer, completio
     assert info.value.retryable is retryable
 
 
-def test_config_refuses_group_sampling() -> None:
-    with pytest.raises(ValueError, match=r"sampling\.n"):
-        AgentConfig(sampling=SamplingParams(n=4))
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -1.0),
+        ("top_p", 0.0),
+        ("max_new_tokens", 0),
+        ("max_episode_tokens", 1),
+        ("max_replies", 0),
+    ],
+)
+def test_sampling_config_refuses_bad_values(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingConfig(**{field: value})
 
 
 # --- a real BFCL episode -----------------------------------------------------------------------------
@@ -305,23 +301,16 @@ def bfcl() -> BfclEnvironment:
     return BfclEnvironment(load_tasks())
 
 
-@pytest.fixture(scope="module")
-def constrained_compiler(tokenizer) -> xgrammar.GrammarCompiler:
-    info = xgrammar.TokenizerInfo.from_huggingface(
-        tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    )
-    return xgrammar.GrammarCompiler(info, max_threads=1)
-
-
 @pytest.mark.parametrize("task_id", REPLAY_TASKS)
 async def test_ground_truth_replay_scores_full_progress(
-    chat: ChatTokenizer, bfcl: BfclEnvironment, constrained_compiler, task_id: str
+    chat: ChatTokenizer, bfcl: BfclEnvironment, grammar_compiler, task_id: str
 ) -> None:
     """The GT calls, sent through the loop under the grammar of each turn's visible tools, pass."""
     task = bfcl.tasks[task_id]
-    engine = ScriptedEngine(chat, ground_truth_replies(task), compiler=constrained_compiler)
+    engine = ScriptedEngine(chat, ground_truth_replies(task), compiler=grammar_compiler)
     episode = bfcl.make_episode(task_id, EpisodeConfig())
-    traj = await run_episode(engine, episode, chat, AgentConfig(constrained=True, max_total_tokens=200_000),
+    config = AgentConfig(sampling=SamplingConfig(max_episode_tokens=200_000), constrained=True)
+    traj = await run_episode(engine, episode, chat, config,
                              task_id=task_id, group_id="g")
     assert traj.progress == 1.0 and all(traj.turn_passed) and not traj.truncated
     assert len(traj.turn_passed) == task.num_turns

@@ -7,6 +7,7 @@ import json
 import pytest
 import xgrammar
 from envtune.agents.chat_tokens import ChatTokenizer
+from envtune.agents.engine import ConstraintKind
 from envtune.agents.grammar import (
     MAX_CALLS_PER_REPLY,
     ConstraintCache,
@@ -17,22 +18,6 @@ from envtune.agents.grammar import (
 )
 from envtune.environments.tasks import load_function_docs
 from envtune.environments.types import FunctionDoc
-from envtune.runtime.engines.base import ConstraintKind
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
-from transformers import AutoTokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(build_tiny_model(default_tiny_model_dir()))
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer) -> xgrammar.GrammarCompiler:
-    info = xgrammar.TokenizerInfo.from_huggingface(
-        tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    )
-    return xgrammar.GrammarCompiler(info, max_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +27,8 @@ def tools() -> tuple[FunctionDoc, ...]:
 
 
 @pytest.fixture(scope="module")
-def compiled(compiler, tools) -> xgrammar.CompiledGrammar:
-    return compiler.compile_grammar(reply_grammar(tools))
+def compiled(grammar_compiler, tools) -> xgrammar.CompiledGrammar:
+    return grammar_compiler.compile_grammar(reply_grammar(tools))
 
 
 def accepts(compiled: xgrammar.CompiledGrammar, text: str) -> bool:
@@ -117,8 +102,8 @@ def test_token_level_matching_ends_at_end_of_turn(compiled, tokenizer) -> None:
     assert not all(bad.accept_token(t) for t in chat.encode_reply("<think>x</think>oops"))
 
 
-def test_without_tools_only_answers_are_allowed(compiler) -> None:
-    compiled = compiler.compile_grammar(reply_grammar(()))
+def test_without_tools_only_answers_are_allowed(grammar_compiler) -> None:
+    compiled = grammar_compiler.compile_grammar(reply_grammar(()))
     assert accepts(compiled, "<think>x</think><answer>no tools</answer>")
     assert not accepts(compiled, call({"name": "cd", "arguments": {"folder": "d"}}))
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import xgrammar
 from envtune.agents.chat_tokens import ChatTokenizer
+from envtune.agents.engine import GenerateRequest, SamplingParams
 from envtune.agents.grammar import (
     MAX_CALLS_PER_REPLY,
     ConstraintCache,
@@ -17,29 +18,14 @@ from envtune.agents.grammar import (
 )
 from envtune.environments.tasks import load_function_docs
 from envtune.environments.tool_calls import parse_reply
-from envtune.environments.toy import toy_function_docs
 from envtune.environments.types import FunctionDoc, Message
-from envtune.runtime.engines import EmbeddedEngine, EmbeddedEngineConfig, GenerateRequest, SamplingParams
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
-from transformers import AutoTokenizer
+from envtune.runtime.engines.embedded import EmbeddedEngine
+from envtune.runtime.engines.settings import EmbeddedEngineConfig
+from envtune.runtime.testing.toy_env import toy_function_docs
 
 NARROW = GrammarOptions(
     max_think_chars=0, allow_answer=False, max_calls=1, any_whitespace=False, any_order=False
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir():
-    return build_tiny_model(default_tiny_model_dir())
-
-
-@pytest.fixture(scope="module")
-def compiler(model_dir) -> xgrammar.GrammarCompiler:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    info = xgrammar.TokenizerInfo.from_huggingface(
-        tokenizer, vocab_size=len(tokenizer), stop_token_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    )
-    return xgrammar.GrammarCompiler(info, max_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +34,8 @@ def tools() -> tuple[FunctionDoc, ...]:
     return (docs["cd"], docs["ls"])
 
 
-def accepts(compiler: xgrammar.GrammarCompiler, grammar: str, text: str) -> bool:
-    matcher = xgrammar.GrammarMatcher(compiler.compile_grammar(grammar))
+def accepts(grammar_compiler: xgrammar.GrammarCompiler, grammar: str, text: str) -> bool:
+    matcher = xgrammar.GrammarMatcher(grammar_compiler.compile_grammar(grammar))
     return matcher.accept_string(text) and matcher.is_completed()
 
 
@@ -63,35 +49,35 @@ def test_default_options_are_the_full_format(tools) -> None:
 
 
 @pytest.mark.parametrize("bound", [0, 1, 8])
-def test_think_text_is_bounded_in_characters(compiler, tools, bound: int) -> None:
+def test_think_text_is_bounded_in_characters(grammar_compiler, tools, bound: int) -> None:
     grammar = reply_grammar(tools, GrammarOptions(max_think_chars=bound))
     xgrammar.Grammar.from_ebnf(grammar)  # the {0,N} repetition survives a round trip as EBNF text
-    assert accepts(compiler, grammar, reply("é" * bound))  # characters, not bytes
-    assert not accepts(compiler, grammar, reply("x" * (bound + 1)))
-    assert accepts(compiler, grammar, reply(""))
+    assert accepts(grammar_compiler, grammar, reply("é" * bound))  # characters, not bytes
+    assert not accepts(grammar_compiler, grammar, reply("x" * (bound + 1)))
+    assert accepts(grammar_compiler, grammar, reply(""))
 
 
-def test_bounded_think_refuses_every_angle_bracket(compiler, tools) -> None:
+def test_bounded_think_refuses_every_angle_bracket(grammar_compiler, tools) -> None:
     free, bounded = reply_grammar(tools), reply_grammar(tools, GrammarOptions(max_think_chars=8))
-    assert accepts(compiler, free, reply("a < b"))
-    assert not accepts(compiler, bounded, reply("a < b"))
+    assert accepts(grammar_compiler, free, reply("a < b"))
+    assert not accepts(grammar_compiler, bounded, reply("a < b"))
 
 
-def test_without_the_answer_branch_only_tool_calls_pass(compiler, tools) -> None:
+def test_without_the_answer_branch_only_tool_calls_pass(grammar_compiler, tools) -> None:
     grammar = reply_grammar(tools, GrammarOptions(allow_answer=False))
-    assert accepts(compiler, grammar, reply("go"))
-    assert not accepts(compiler, grammar, "<think>go</think><answer>done</answer>")
-    assert accepts(compiler, reply_grammar(tools), "<think>go</think><answer>done</answer>")
+    assert accepts(grammar_compiler, grammar, reply("go"))
+    assert not accepts(grammar_compiler, grammar, "<think>go</think><answer>done</answer>")
+    assert accepts(grammar_compiler, reply_grammar(tools), "<think>go</think><answer>done</answer>")
     with pytest.raises(ValueError, match="at least one visible tool"):
         reply_grammar((), GrammarOptions(allow_answer=False))
 
 
-def test_max_calls_bounds_the_call_list(compiler, tools) -> None:
+def test_max_calls_bounds_the_call_list(grammar_compiler, tools) -> None:
     one = json.dumps([{"name": "ls", "arguments": {}}])
     two = json.dumps([{"name": "ls", "arguments": {}}, {"name": "cd", "arguments": {"folder": "d"}}])
     grammar = reply_grammar(tools, GrammarOptions(max_calls=1))
-    assert accepts(compiler, grammar, reply("", one))
-    assert not accepts(compiler, grammar, reply("", two))
+    assert accepts(grammar_compiler, grammar, reply("", one))
+    assert not accepts(grammar_compiler, grammar, reply("", two))
     for bad in (0, MAX_CALLS_PER_REPLY + 1):
         with pytest.raises(ValueError, match="max_calls"):
             GrammarOptions(max_calls=bad)
@@ -99,25 +85,25 @@ def test_max_calls_bounds_the_call_list(compiler, tools) -> None:
         GrammarOptions(max_think_chars=-1)
 
 
-def test_without_free_whitespace_one_spelling_remains(compiler, tools) -> None:
+def test_without_free_whitespace_one_spelling_remains(grammar_compiler, tools) -> None:
     grammar = reply_grammar(tools, GrammarOptions(any_whitespace=False))
-    assert accepts(compiler, grammar, reply("", '[{"name": "cd", "arguments": {"folder": "d"}}]'))
-    assert not accepts(compiler, grammar, reply("", '[{"name":"cd","arguments":{"folder":"d"}}]'))
-    assert not accepts(compiler, grammar, reply("", '[ {"name": "ls", "arguments": {}}]'))
-    assert not accepts(compiler, grammar, reply("", sep="\n"))
-    assert accepts(compiler, reply_grammar(tools), reply("", sep="\n"))
+    assert accepts(grammar_compiler, grammar, reply("", '[{"name": "cd", "arguments": {"folder": "d"}}]'))
+    assert not accepts(grammar_compiler, grammar, reply("", '[{"name":"cd","arguments":{"folder":"d"}}]'))
+    assert not accepts(grammar_compiler, grammar, reply("", '[ {"name": "ls", "arguments": {}}]'))
+    assert not accepts(grammar_compiler, grammar, reply("", sep="\n"))
+    assert accepts(grammar_compiler, reply_grammar(tools), reply("", sep="\n"))
 
 
-def test_keys_in_schema_order_close_xgrammars_repeated_key_gap(compiler, tools) -> None:
+def test_keys_in_schema_order_close_xgrammars_repeated_key_gap(grammar_compiler, tools) -> None:
     repeated = reply("", '[{"name": "ls", "name": "ls"}]')
     swapped = reply("", '[{"arguments": {}, "name": "ls"}]')
     # xgrammar 0.2.8 with any_order: a repeated key passes (the environment's parser refuses it).
-    assert accepts(compiler, reply_grammar(tools), repeated)
-    assert accepts(compiler, reply_grammar(tools), swapped)
+    assert accepts(grammar_compiler, reply_grammar(tools), repeated)
+    assert accepts(grammar_compiler, reply_grammar(tools), swapped)
     ordered = reply_grammar(tools, GrammarOptions(any_order=False))
-    assert not accepts(compiler, ordered, repeated)
-    assert not accepts(compiler, ordered, swapped)
-    assert accepts(compiler, ordered, reply(""))
+    assert not accepts(grammar_compiler, ordered, repeated)
+    assert not accepts(grammar_compiler, ordered, swapped)
+    assert accepts(grammar_compiler, ordered, reply(""))
 
 
 def test_constraint_cache_builds_with_its_options(tools) -> None:
@@ -128,13 +114,13 @@ def test_constraint_cache_builds_with_its_options(tools) -> None:
     assert ConstraintCache().options == GrammarOptions()
 
 
-def test_a_random_model_under_the_narrow_grammar_writes_parseable_replies(model_dir) -> None:
+def test_a_random_model_under_the_narrow_grammar_writes_parseable_replies(tiny_model_dir) -> None:
     """The point of the options: a random model's replies end, within a small budget, and parse."""
     tools = toy_function_docs()
 
     async def sample() -> list[str]:
-        config = EmbeddedEngineConfig(model_path=model_dir, device="cpu")
-        async with await EmbeddedEngine.open(config) as engine:
+        config = EmbeddedEngineConfig(device="cpu")
+        async with await EmbeddedEngine.open(tiny_model_dir, config) as engine:
             prompt = ChatTokenizer(engine.tokenizer).render_prompt([Message("user", "Call cd.")])
             request = GenerateRequest(
                 prompt_ids=tuple(prompt),

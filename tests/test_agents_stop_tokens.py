@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from envtune.agents.chat_tokens import ChatTokenizer
 from envtune.agents.config import AgentConfig
+from envtune.agents.engine import Completion, FinishReason, GenerateRequest
 from envtune.agents.episode_loop import run_episode_sync
 from envtune.environments import BfclEnvironment, EpisodeConfig, StepCode
-from envtune.runtime.engines.base import Completion, FinishReason, GenerateRequest
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
-from transformers import AutoTokenizer
 
 
-def test_reply_ending_on_endoftext_is_parsed_not_a_format_error() -> None:
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(default_tiny_model_dir()))
-    chat = ChatTokenizer(tokenizer)
+def test_reply_ending_on_endoftext_is_parsed_not_a_format_error(tokenizer, chat: ChatTokenizer) -> None:
     endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert endoftext != chat.end_of_turn_id
     body = chat.encode_reply("<think>done</think><answer>ok</answer>")[:-1]

@@ -17,23 +17,24 @@ import time
 from pathlib import Path
 
 import pytest
-from envtune.runtime.cli import build_arg_parser, main, resolve_config
-from envtune.runtime.config import Config, load_config
-from envtune.runtime.evaluate import main as eval_main
-from envtune.runtime.run_folder import RunFolder
+from envtune.runtime.cli.evaluate import main as eval_main
+from envtune.runtime.cli.run import build_arg_parser, main, resolve_config
+from envtune.runtime.cli.serve import main as serve_main
+from envtune.runtime.recipe.config import Config, load_config
+from envtune.runtime.recipe.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Two short stages, tiny groups, short replies: each learner step is a few seconds on 2 cores.
 SMOKE = [
     "curriculum.stages.*.promotion.max_steps=1",
-    "curriculum.stages.*.max_steps_per_turn=1",
+    "curriculum.stages.*.episode.max_steps_per_turn=1",
     "curriculum.validation_every=0",
     "rollout.group_size=2",
     "rollout.groups_per_step=1",
-    "rollout.max_in_flight_groups=1",
+    "rollout.max_concurrent_episodes=2",
     "rollout.max_staleness=0",  # on-policy: no rollout competes with the learner for the 2 cores
-    "rollout.sampling.max_new_tokens=16",
+    "sampling.max_new_tokens=16",
     "run.checkpoint_every=0",
     "run.sample_trajectories_every=1",
     "run.progress_bar=false",
@@ -42,17 +43,18 @@ SMOKE = [
 
 
 def test_help_of_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    for entry in (main, eval_main):
+    for entry in (main, eval_main, serve_main):
         with pytest.raises(SystemExit) as info:
             entry(["--help"])
         assert info.value.code == 0
     text = capsys.readouterr().out
     assert "envtune-run" in text and "--resume" in text and "--launch-sglang" in text
-    assert "envtune-eval" in text and "--adapter" in text and "--categories" in text
+    assert "envtune-eval" in text and "--adapter" in text and "--list-keys" in text
+    assert "envtune-serve" in text
 
 
 def test_installed_console_scripts_answer_help() -> None:
-    for name in ("envtune-run", "envtune-eval"):
+    for name in ("envtune-run", "envtune-eval", "envtune-serve"):
         script = Path(sys.executable).parent / name
         assert script.exists(), f"{name} is not installed; pip install -e '.[dev]'"
         done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
@@ -64,7 +66,7 @@ def test_config_resolution() -> None:
     cpu, folder, checkpoint = resolve_config(parser.parse_args([]))
     assert cpu.engine.kind == "embedded" and cpu.run.name == "cpu-default" and folder is checkpoint is None
     paper, _, _ = resolve_config(parser.parse_args(["--model", "/m", "--sglang", "http://a:1,http://b:2"]))
-    assert paper.engine.kind == "sglang" and paper.engine.sglang_urls == ("http://a:1", "http://b:2")
+    assert paper.engine.kind == "sglang" and paper.engine.sglang.urls == ("http://a:1", "http://b:2")
     assert paper.curriculum == Config().curriculum and paper.rollout.group_size == 16
     launch, _, _ = resolve_config(parser.parse_args(["--model", "/m", "--launch-sglang", "--out", "/tmp/x"]))
     assert launch.engine.kind == "launch" and launch.run.out_dir == "/tmp/x"
@@ -75,6 +77,7 @@ def test_config_resolution() -> None:
     [
         (["--set", "rollout.nope=1"], "unknown key 'rollout.nope'"),
         (["--launch-sglang"], "needs model.path"),
+        (["--set", "sampling.top_p=0.5"], "training needs temperature > 0, top_p = 1"),
         (["missing.toml"], "does not exist"),
         (["x.toml", "--resume"], "--resume uses the run's own config.toml"),
     ],
@@ -100,7 +103,7 @@ def test_print_config_round_trips(capsys: pytest.CaptureFixture[str], tmp_path: 
 def _run(args: list[str], cwd: Path, stderr: Path) -> subprocess.Popen[str]:
     with stderr.open("w") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "envtune.runtime.cli", *args],
+            [sys.executable, "-m", "envtune.runtime.cli.run", *args],
             cwd=cwd,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE,
@@ -164,8 +167,10 @@ def test_smoke_run_resume_and_eval(tmp_path: Path, capsys: pytest.CaptureFixture
     adapter = RunFolder(folder).latest_complete_checkpoint().path / "adapter"  # type: ignore[union-attr]
     eval_main(
         [
-            "--split", "validation", "--categories", "base", "--limit", "1", "--adapter", str(adapter),
-            "--max-steps-per-turn", "1", "--max-new-tokens", "16", "--no-results", "--log-format", "json",
+            "--adapter", str(adapter), "--no-results",
+            "--set", "tasks.split=validation", "--set", "tasks.categories=base", "--set", "tasks.limit=1",
+            "--set", "conditions.episode.max_steps_per_turn=1", "--set", "sampling.max_new_tokens=16",
+            "--set", "logging.format=json",
         ]
     )  # fmt: skip
     result = json.loads(capsys.readouterr().out)

@@ -6,10 +6,11 @@ import dataclasses
 import json
 
 import pytest
+from envtune.environments.episode import EpisodeConfig
 from envtune.environments.tasks import Split, load_split, load_tasks
-from envtune.environments.types import FeedbackMode, PromptStyle
-from envtune.runtime.config import Config, CurriculumConfig, PromotionConfig, RewardKind, StageConfig
-from envtune.runtime.curriculum import (
+from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
+from envtune.runtime.recipe.config import Config, CurriculumConfig, PromotionConfig, StageConfig
+from envtune.runtime.recipe.curriculum import (
     CurriculumError,
     CurriculumFinished,
     CurriculumScheduler,
@@ -18,9 +19,10 @@ from envtune.runtime.curriculum import (
 )
 
 
-def _stage(name: str, **kwargs: object) -> StageConfig:
+def _stage(name: str, feedback: FeedbackMode = FeedbackMode.AUGMENTED, **kwargs: object) -> StageConfig:
     promotion = kwargs.pop("promotion", PromotionConfig(max_steps=2))
-    return StageConfig(name=name, promotion=promotion, **kwargs)  # type: ignore[arg-type]
+    episode = EpisodeConfig(feedback=feedback)
+    return StageConfig(name=name, promotion=promotion, episode=episode, **kwargs)  # type: ignore[arg-type]
 
 
 def _group(spec_stage: int, rewards: tuple[float, ...], task_id: str = "multi_turn_base_0") -> GroupOutcome:
@@ -41,7 +43,8 @@ def test_paper_pools_come_from_the_training_side_only() -> None:
     # Validation episodes come from the held-out validation ids, under standard feedback.
     specs = scheduler.validation_tasks()
     assert {s.task_id for s in specs} == validation
-    assert all(s.validation and s.feedback is FeedbackMode.STANDARD for s in specs)
+    assert all(s.episode.feedback is FeedbackMode.STANDARD for s in specs)
+    assert all(s.episode.max_steps_per_turn == 20 and s.reward is RewardKind.PROGRESS for s in specs)
 
 
 def test_dispatch_never_hands_out_test_ids_and_cycles_through_the_pool() -> None:
@@ -77,13 +80,12 @@ def test_task_spec_carries_the_stage_conditions() -> None:
     scheduler = CurriculumScheduler(Config().curriculum)
     spec = scheduler.next_task()
     assert (spec.stage, spec.stage_name, spec.reward) == (1, "syntax", RewardKind.STAGE1)
-    assert (spec.feedback, spec.prompt_style, spec.constrained) == (
+    assert (spec.episode.feedback, spec.episode.prompt_style, spec.constrained) == (
         FeedbackMode.STANDARD,
         PromptStyle.BASIC,
         False,
     )
-    assert spec.max_steps_per_turn == 6 and not spec.validation
-    assert scheduler.next_task().dispatch_index == spec.dispatch_index + 1
+    assert spec.episode.max_steps_per_turn == 6
 
 
 def test_promotion_by_threshold_over_a_window() -> None:
@@ -173,12 +175,13 @@ def test_in_flight_groups_keep_their_stage_after_a_promotion() -> None:
     assert promotion is not None
     after = scheduler.next_task()
     # The spec handed out before the promotion still says stage 1 and its conditions.
-    assert (in_flight.stage, in_flight.reward, in_flight.feedback) == (
+    assert (in_flight.stage, in_flight.reward, in_flight.episode.feedback) == (
         1,
         RewardKind.STAGE1,
         FeedbackMode.STANDARD,
     )
-    assert (after.stage, after.reward, after.feedback) == (2, RewardKind.PROGRESS, FeedbackMode.AUGMENTED)
+    assert (after.stage, after.reward) == (2, RewardKind.PROGRESS)
+    assert after.episode.feedback is FeedbackMode.AUGMENTED
     # Its group is counted under stage 1 and does not feed stage 2's train metrics.
     scheduler.record_group(_group(in_flight.stage, (1.0, 1.0)))
     summary = scheduler.end_step(2)

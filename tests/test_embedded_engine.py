@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from envtune.runtime.engines import (
+from envtune.agents.engine import (
     Completion,
     Constraint,
     ConstraintKind,
-    EmbeddedEngine,
-    EmbeddedEngineConfig,
     Engine,
     EngineError,
     FinishReason,
@@ -23,9 +21,10 @@ from envtune.runtime.engines import (
     SamplingParams,
     WeightSync,
 )
+from envtune.runtime.engines.embedded import EmbeddedEngine
 from envtune.runtime.engines.kv_batch import cache_kv, merge_left_padded, select_rows
 from envtune.runtime.engines.prefix_cache import EpisodePrefixCache, common_prefix_length
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
+from envtune.runtime.engines.settings import EmbeddedEngineConfig
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -46,8 +45,8 @@ TOOL_SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[EmbeddedEngine]:
-    engine = EmbeddedEngine(EmbeddedEngineConfig(max_batch_rows=16))
+def engine(tiny_model_dir: Path) -> Iterator[EmbeddedEngine]:
+    engine = EmbeddedEngine(tiny_model_dir, EmbeddedEngineConfig(max_batch_rows=16))
     yield engine
     asyncio.run(engine.close())
 
@@ -256,22 +255,25 @@ async def test_cancelled_request_leaves_the_engine_serving(
     assert len(done[0].token_ids) == 3
 
 
-async def test_lora_adapters_versions_and_weight_updates(tmp_path: Path, prompt: tuple[int, ...]) -> None:
+async def test_lora_adapters_versions_and_weight_updates(
+    tmp_path: Path, prompt: tuple[int, ...], tiny_model_dir: Path
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    tiny = build_tiny_model(default_tiny_model_dir())
+    tiny = tiny_model_dir
     first = make_adapter(tiny, tmp_path / "a1", seed=1)
     second = make_adapter(tiny, tmp_path / "a2", seed=2)
-    async with await EmbeddedEngine.open() as engine:
+    async with await EmbeddedEngine.open(tiny) as engine:
         assert engine.policy_version == 0
-        assert await engine.load_adapter("policy-v1", str(first)) == 1
-        assert await engine.load_adapter("policy-v2", str(second)) == 2
-        assert await engine.load_adapter("custom", str(first)) == 3  # no version in the name: latest + 1
+        await engine.load_adapter("policy-v1", str(first), version=1)
+        await engine.load_adapter("policy-v2", str(second), version=2)
+        await engine.load_adapter("custom", str(first), version=3)  # versions are given, never parsed
+        assert engine.adapters() == {"policy-v1": 1, "policy-v2": 2, "custom": 3}
         with pytest.raises(EngineError, match="already loaded"):
-            await engine.load_adapter("policy-v1", str(first))
+            await engine.load_adapter("policy-v1", str(first), version=4)
         with pytest.raises(EngineError, match="cannot load"):
-            await engine.load_adapter("broken", str(tmp_path / "missing"))
+            await engine.load_adapter("broken", str(tmp_path / "missing"), version=4)
         assert engine.policy_version == 3
 
         sampling = SamplingParams(max_new_tokens=10, temperature=1.0, seed=9)
@@ -292,7 +294,7 @@ async def test_lora_adapters_versions_and_weight_updates(tmp_path: Path, prompt:
             GenerateRequest(prompt, sampling, adapter="policy-v1", affinity_key="v1")
         )
         kept_base, kept_v1 = (len(prompt) + len(run[0].token_ids) - 1 for run in (on_base, on_v1))
-        await engine.load_adapter("policy-v5", str(second))  # a new adapter leaves kept KV alone
+        await engine.load_adapter("policy-v5", str(second), version=5)  # a new adapter leaves kept KV alone
         # (Read after a control: those run after the worker's step that finished both requests.)
         assert engine.statistics().prefix_cache_held == kept_base + kept_v1
         await engine.unload_adapter("policy-v5")
@@ -306,7 +308,7 @@ async def test_lora_adapters_versions_and_weight_updates(tmp_path: Path, prompt:
             await engine.unload_adapter("policy-v1")
 
         assert engine.policy_version == 5  # unloading never lowers the high-water mark
-        assert await engine.update_weights_from_disk(str(tiny)) == 6
+        await engine.update_weights_from_disk(str(tiny), version=6)
         assert engine.statistics().prefix_cache_held == 0  # new base weights: every kept KV is stale
         after = await engine.generate(GenerateRequest(prompt, sampling))
         assert after[0].policy_version == 6

@@ -16,11 +16,12 @@ from envtune.environments import (
     load_split,
     load_tasks,
 )
-from envtune.environments.conformance import ANSWER, ground_truth_calls, tool_call_reply
+from envtune.environments.ground_truth import ground_truth_calls
+from envtune.environments.tool_calls import ANSWER_REPLY, format_reply
 
 
 def reply(*calls: ToolCall) -> str:
-    return tool_call_reply(calls)
+    return format_reply(calls)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def play_ground_truth(env: BfclEnvironment, task_id: str, config: EpisodeConfig 
     for calls in ground_truth_calls(env.tasks[task_id]):
         if calls:
             episode.step(reply(*calls))
-        episode.step(ANSWER)
+        episode.step(ANSWER_REPLY)
     return episode
 
 
@@ -80,13 +81,13 @@ def test_two_interleaved_episodes_of_one_task_do_not_share_state(env: BfclEnviro
     # a follows ground truth; b makes a wrong first move; interleave their steps.
     a.step(reply(*gt[0]))
     b.step(reply(ToolCall("mkdir", {"dir_name": "elsewhere"})))
-    b.step(ANSWER)
-    a.step(ANSWER)
+    b.step(ANSWER_REPLY)
+    a.step(ANSWER_REPLY)
     for calls in gt[1:]:
         a.step(reply(*calls))
-        a.step(ANSWER)
+        a.step(ANSWER_REPLY)
         if not b.done:
-            b.step(ANSWER)
+            b.step(ANSWER_REPLY)
     assert a.score().all_passed
     assert b.score().turn_passed[0] is False
     assert b.score().progress < 1.0
@@ -111,9 +112,9 @@ def test_missed_function_is_invisible_until_its_turn(env: BfclEnvironment) -> No
     gt = ground_truth_calls(task)
     for turn in (0, 1):
         episode.step(reply(*gt[turn]))
-        episode.step(ANSWER)
+        episode.step(ANSWER_REPLY)
     # turn 2: calling the hidden function is impossible; answering is the right move
-    result = episode.step(ANSWER)
+    result = episode.step(ANSWER_REPLY)
     assert result.code is StepCode.TURN_PASS
     assert result.tools_changed
     assert "sort" in {d.name for d in episode.visible_tools()}
@@ -142,7 +143,7 @@ def test_call_on_a_turn_that_must_not_call_closes_it_unexecuted_with_a_warning(e
     for turn in range(empty_turn):
         if gt[turn]:
             episode.step(reply(*gt[turn]))
-        episode.step(ANSWER)
+        episode.step(ANSWER_REPLY)
     result = episode.step(reply(ToolCall("ls", {})))
     assert result.turn_ended and result.code is StepCode.TURN_FAIL
     assert result.calls == ()
@@ -156,10 +157,10 @@ def test_skipped_turn_is_not_over_rewarded_ground_truth_state_advances(env: Bfcl
     gt = ground_truth_calls(task)
     episode = env.make_episode(task.id)
     episode.start()
-    episode.step(ANSWER)  # skip turn 0 (mkdir + mv never happen)
+    episode.step(ANSWER_REPLY)  # skip turn 0 (mkdir + mv never happen)
     for calls in gt[1:]:
         episode.step(reply(*calls))
-        episode.step(ANSWER)
+        episode.step(ANSWER_REPLY)
     passed = episode.score().turn_passed
     assert passed[0] is False
     # later turns are compared against ground truth that did move the file: they cannot all pass
@@ -172,7 +173,7 @@ def test_progress_counts_unreached_turns_as_zero(env: BfclEnvironment) -> None:
     episode = env.make_episode(task.id)
     episode.start()
     episode.step(reply(*gt[0]))
-    episode.step(ANSWER)
+    episode.step(ANSWER_REPLY)
     score = episode.score()  # the rollout stops here (e.g. a length cap)
     assert score.turns_reached == 2
     assert score.turn_passed[0] is True
@@ -203,7 +204,7 @@ def test_error_dict_counts_as_tool_error_and_rewards_follow_the_step_codes(env: 
     assert bad.code is StepCode.TOOL_ERROR
     assert '"error"' in bad.calls[0].result and bad.calls[0].executed
     episode.step("<answer>missing think</answer>")
-    episode.step(ANSWER)
+    episode.step(ANSWER_REPLY)
     score = episode.score()
     assert score.step_codes == (-1, -2, -3, 0)
     assert score.format_reward == pytest.approx(3 / 4)
@@ -214,7 +215,7 @@ def test_error_dict_counts_as_tool_error_and_rewards_follow_the_step_codes(env: 
 def test_stage1_reward_is_zero_without_tool_calls(env: BfclEnvironment) -> None:
     episode = env.make_episode("multi_turn_base_0")
     episode.start()
-    episode.step(ANSWER)
+    episode.step(ANSWER_REPLY)
     assert episode.score().stage1_reward == 0.0
 
 
@@ -255,7 +256,7 @@ def test_system_prompts_per_stage_list_the_visible_tools(env: BfclEnvironment) -
 def test_episode_state_errors(env: BfclEnvironment) -> None:
     episode = env.make_episode("multi_turn_base_0")
     with pytest.raises(EpisodeStateError):
-        episode.step(ANSWER)
+        episode.step(ANSWER_REPLY)
     episode.start()
     with pytest.raises(EpisodeStateError):
         episode.start()

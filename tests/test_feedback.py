@@ -15,7 +15,7 @@ import pickle
 from typing import Any
 
 import pytest
-from envtune.environments.feedback import HINT_PREFIX, MAX_HINT_CHARS, augment_result, render_with_hint
+from envtune.environments.feedback import MAX_HINT_CHARS, augment_result
 from envtune.environments.tasks import load_function_docs, load_tasks, thaw
 from envtune.environments.types import ToolCall
 from hypothesis import HealthCheck, given, settings
@@ -732,11 +732,3 @@ def test_any_input_returns_text_or_none_and_leaves_state_alone(class_name, fn, a
 
 # ----------------------------------------------------------------------------------------------------
 # Rendering
-
-
-def test_render_with_hint_keeps_the_result_and_appends_the_hint():
-    assert render_with_hint('{"error": "x"}', None) == '{"error": "x"}'
-    assert render_with_hint('{"error": "x"}', "") == '{"error": "x"}'
-    rendered = render_with_hint('{"error": "x"}', "do y")
-    assert rendered == '{"error": "x"}' + HINT_PREFIX + "do y"
-    assert rendered.startswith('{"error": "x"}\n')

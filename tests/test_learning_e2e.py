@@ -47,12 +47,15 @@ from pathlib import Path
 import pytest
 import torch
 from envtune.agents import AgentConfig, ChatTokenizer, ConstraintCache, Trajectory, run_episode
+from envtune.agents.config import SamplingConfig
 from envtune.agents.grammar import GrammarOptions
-from envtune.environments.toy import TOY_TOOLS, EpisodeOverError, NamedToolEpisode, toy_function_docs
 from envtune.environments.types import StepCode
-from envtune.optim import AdapterPublisher, Learner, LearnerConfig, LoraSettings, LossConfig
-from envtune.runtime.engines import EmbeddedEngine, EmbeddedEngineConfig, SamplingParams
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
+from envtune.optim.config import LearnerConfig, LoraSettings, LossConfig
+from envtune.optim.learner import Learner
+from envtune.runtime.engines.embedded import EmbeddedEngine
+from envtune.runtime.engines.settings import EmbeddedEngineConfig
+from envtune.runtime.testing.toy_env import TOY_TOOLS, EpisodeStateError, NamedToolEpisode, toy_function_docs
+from envtune.runtime.weight_sync import AdapterPublisher
 from transformers import AutoModelForCausalLM
 
 STEPS = 12
@@ -71,7 +74,7 @@ GRAMMAR = GrammarOptions(
     max_think_chars=0, allow_answer=False, max_calls=1, any_whitespace=False, any_order=False
 )
 """Only the reply shape the toy rewards, so the random model's tokens go to the decision."""
-SAMPLING = SamplingParams(max_new_tokens=64, temperature=1.0)
+SAMPLING = SamplingConfig(max_new_tokens=64, max_episode_tokens=256)
 """Replies take 30-45 tokens (the random model spells tags and keys in short tokens)."""
 LEARNER = LearnerConfig(lr=1e-2, lora=LoraSettings(rank=4, alpha=8.0), loss=LossConfig(kl_coef=0.0))
 """A large lr for a tiny random model; no KL (see the module docstring)."""
@@ -118,12 +121,12 @@ def test_toy_reward_is_one_call_of_the_named_tool(
     score = episode.score()
     assert (score.progress, score.tool_reward, score.stage1_reward) == (progress, progress, stage1)
     assert score.turn_passed == (progress == 1.0,) and score.step_codes == (int(code),)
-    with pytest.raises(EpisodeOverError):
+    with pytest.raises(EpisodeStateError):
         episode.step(call("cd"))
 
 
 def test_toy_refuses_misuse() -> None:
-    with pytest.raises(EpisodeOverError):
+    with pytest.raises(EpisodeStateError):
         NamedToolEpisode(0).step(call("cd"))
     with pytest.raises(ValueError, match="distinct"):
         toy_function_docs(("cd", "cd"))
@@ -133,23 +136,18 @@ def test_toy_refuses_misuse() -> None:
 # --- the learning test ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    return build_tiny_model(default_tiny_model_dir())
-
-
 async def run_arm(
-    model_path: Path, root: Path, *, shuffle: bool, seed: int = 0
+    tiny_model_dir: Path, root: Path, *, shuffle: bool, seed: int = 0
 ) -> tuple[list[float], list[int]]:
     """One arm: per step, the batch mean reward and the policy version the samples came from."""
     torch.manual_seed(seed)  # the LoRA A matrices: the same start in both arms
-    learner = Learner(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), LEARNER)
+    learner = Learner(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LEARNER)
     shuffler = random.Random(seed)
     constraints = ConstraintCache(options=GRAMMAR)
     curve: list[float] = []
     versions: list[int] = []
     async with await EmbeddedEngine.open(
-        EmbeddedEngineConfig(model_path=model_path, device="cpu", max_batch_rows=GROUPS * GROUP_SIZE)
+        tiny_model_dir, EmbeddedEngineConfig(device="cpu", max_batch_rows=GROUPS * GROUP_SIZE)
     ) as engine:
         chat = ChatTokenizer(engine.tokenizer)
         publisher = AdapterPublisher(root, [engine])
@@ -159,10 +157,10 @@ async def run_arm(
                 for g, prompt_seed in enumerate(PROMPT_SEEDS):
                     for i in range(GROUP_SIZE):
                         config = AgentConfig(
-                            sampling=replace(SAMPLING, seed=seed * 10**6 + step * 1000 + g * GROUP_SIZE + i),
+                            sampling=SAMPLING,
                             constrained=True,
-                            max_total_tokens=256,
                             adapter=adapter.name if adapter is not None else None,
+                            seed=seed * 10**6 + step * 1000 + g * GROUP_SIZE + i,
                         )
                         episode = run_episode(
                             engine, NamedToolEpisode(prompt_seed), chat, config, task_id=f"toy-{prompt_seed}",
@@ -186,18 +184,18 @@ async def run_arm(
     return curve, versions
 
 
-async def both_arms(model_path: Path, root: Path) -> tuple[tuple[list[float], list[int]], list[float]]:
+async def both_arms(tiny_model_dir: Path, root: Path) -> tuple[tuple[list[float], list[int]], list[float]]:
     """The two arms side by side: one's generation overlaps the other's learner step (2 cores)."""
     async with asyncio.TaskGroup() as tg:
-        trained = tg.create_task(run_arm(model_path, root / "trained", shuffle=False))
-        control = tg.create_task(run_arm(model_path, root / "control", shuffle=True))
+        trained = tg.create_task(run_arm(tiny_model_dir, root / "trained", shuffle=False))
+        control = tg.create_task(run_arm(tiny_model_dir, root / "control", shuffle=True))
     return trained.result(), control.result()[0]
 
 
 @pytest.mark.filterwarnings("ignore:Adapter policy-v:UserWarning")  # peft, when a version is retired
-def test_reward_rises_beyond_a_shuffled_reward_control(model_path: Path, tmp_path: Path) -> None:
+def test_reward_rises_beyond_a_shuffled_reward_control(tiny_model_dir: Path, tmp_path: Path) -> None:
     began = time.monotonic()
-    (trained, versions), control = asyncio.run(both_arms(model_path, tmp_path))
+    (trained, versions), control = asyncio.run(both_arms(tiny_model_dir, tmp_path))
     seconds = time.monotonic() - began
     # Every step sampled with the adapter published after the previous step (step 0: the base).
     assert versions == list(range(STEPS))

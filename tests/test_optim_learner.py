@@ -9,15 +9,8 @@ import math
 import pytest
 import torch
 from envtune.agents.trajectory import Trajectory
-from envtune.optim import (
-    AdvantageConfig,
-    Batching,
-    Learner,
-    LearnerConfig,
-    LoraSettings,
-    LossConfig,
-    ZeroVariancePolicy,
-)
+from envtune.optim.config import Batching, LearnerConfig, LoraSettings, LossConfig
+from envtune.optim.learner import Learner
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 61
@@ -153,13 +146,14 @@ def test_resume_reproduces_the_state() -> None:
     assert resumed.policy_version == first.policy_version == 2
 
 
-def test_zero_variance_groups_dropped_means_no_update() -> None:
-    learner = make_learner(advantages=AdvantageConfig(zero_variance=ZeroVariancePolicy.DROP))
+def test_zero_variance_groups_are_counted_and_have_no_policy_gradient() -> None:
+    # With no KL and no entropy term, advantage 0 everywhere leaves nothing to learn from.
+    learner = make_learner(loss=LossConfig(kl_coef=0.0, entropy_coef=0.0), weight_decay=0.0)
     batch = [with_fields(t, reward=1.0) for t in make_batch(learner, seed=6)]
     before = named_params(learner)
     m = learner.step(batch)
-    assert not m.updated and m.policy_version == 0
-    assert m.num_zero_variance_groups == 2 and m.num_dropped_zero_variance == 8 and m.num_trained == 0
+    assert m.num_zero_variance_groups == 2 and m.num_trained == 8
+    assert m.pg_loss == 0.0 and m.grad_norm == 0.0
     after = named_params(learner)
     assert all(torch.equal(before[n], after[n]) for n in before)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 from envtune.agents.trajectory import Trajectory
-from envtune.optim import Learner, LearnerConfig, LoraSettings
+from envtune.optim.config import LearnerConfig, LoraSettings
+from envtune.optim.learner import Learner
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 32

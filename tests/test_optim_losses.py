@@ -6,16 +6,9 @@ import math
 
 import pytest
 import torch
-from envtune.optim import (
-    AdvantageConfig,
-    LossConfig,
-    WeightLevel,
-    WeightMode,
-    ZeroVariancePolicy,
-    group_advantages,
-    k3_kl,
-    policy_loss,
-)
+from envtune.optim.advantages import group_advantages
+from envtune.optim.config import AdvantageConfig, LossConfig, WeightLevel, WeightMode
+from envtune.optim.losses import k3_kl, policy_loss
 
 NO_EXTRAS = LossConfig(kl_coef=0.0, entropy_coef=0.0)
 
@@ -180,15 +173,13 @@ def test_group_advantages_hand_values() -> None:
     assert res.advantages[2:] == (0.0, 0.0, 0.0)
     assert res.num_groups == 3
     assert res.num_zero_variance_groups == 2  # "b" is constant, "c" is a singleton
-    assert res.keep == (True,) * 5
 
 
-def test_group_advantages_drop_and_no_std() -> None:
-    cfg = AdvantageConfig(zero_variance=ZeroVariancePolicy.DROP, normalize_std=False)
+def test_group_advantages_zero_variance_and_no_std() -> None:
+    cfg = AdvantageConfig(normalize_std=False)
     res = group_advantages([1.0, 0.0, 0.5, 0.5], ["a", "a", "b", "b"], cfg)
-    assert res.advantages[:2] == (0.5, -0.5)
-    assert res.keep == (True, True, False, False)
-    assert res.num_dropped == 2
+    assert res.advantages == (0.5, -0.5, 0.0, 0.0)
+    assert res.num_zero_variance_groups == 1
     with pytest.raises(ValueError):
         group_advantages([1.0], ["a", "b"])
     with pytest.raises(ValueError):

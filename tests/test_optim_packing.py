@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from envtune.optim import Batching, build_batch, enable_packed_attention, plan_microbatches, token_logprobs
-from envtune.optim.packing import PACKED_ATTENTION
+from envtune.optim.config import Batching
+from envtune.optim.packing import (
+    PACKED_ATTENTION,
+    build_batch,
+    enable_packed_attention,
+    plan_microbatches,
+    token_logprobs,
+)
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 

@@ -8,16 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
-from envtune.runtime.config import Config, dump_toml, load_config
-from envtune.runtime.report import write_report
-from envtune.runtime.run_folder import COMPLETE, RunFolder, RunFolderError
+from envtune.runtime.recipe.config import Config, dump_config, load_config
+from envtune.runtime.recipe.report import write_report
+from envtune.runtime.recipe.run_folder import COMPLETE, RunFolder, RunFolderError
 
 
 def _folder(tmp_path: Path) -> RunFolder:
     folder = RunFolder.create(
         tmp_path / "runs", "my run/1", now=dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
     )
-    folder.write_config(dump_toml(Config()))
+    folder.write_config(dump_config(Config()))
     return folder
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 from envtune.runtime.actors import Actor, Mailbox, MailboxClosed, MailboxFull, Stop
-from envtune.runtime.fake_engine import run_virtual
 from envtune.runtime.supervisor import STOP_ORDER, Supervisor
+from envtune.runtime.testing.fake_engine import run_virtual
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ def test_supervisor_stops_in_written_order_and_leaves_no_task() -> None:
     async def main() -> None:
         log: list[str] = []
         # Given in start order (the reverse of STOP_ORDER) plus one unlisted actor.
-        actors = _supervised(["metrics", "scheduler", "weight_sync", "learner", "rollout", "extra"], log)
+        actors = _supervised(["metrics", "learner", "rollout", "extra"], log)
         supervisor = Supervisor(actors)
         assert supervisor.stop_sequence == (*STOP_ORDER, "extra")
 

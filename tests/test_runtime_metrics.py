@@ -6,18 +6,19 @@ import asyncio
 import json
 
 import pytest
+from envtune.agents.engine import Engine, EngineError, GenerateRequest, SamplingParams
 from envtune.agents.trajectory import Trajectory
 from envtune.runtime.actors import Mailbox
-from envtune.runtime.engines.base import Engine, EngineError, GenerateRequest, SamplingParams
-from envtune.runtime.fake_engine import (
+from envtune.runtime.metrics import MetricsRecord, MetricsRecorder, SampleNow
+from envtune.runtime.records import IteratorTaskSource, TaskSpec, TrajectoryGroup
+from envtune.runtime.rollout import RolloutActor, RolloutConfig
+from envtune.runtime.supervisor import Supervisor
+from envtune.runtime.testing.fake_engine import (
     LatencyModel,
     LatencyModelEngine,
     VirtualClockDeadlock,
     run_virtual,
 )
-from envtune.runtime.metrics import MetricsRecord, MetricsRecorder, SampleNow
-from envtune.runtime.rollout import IteratorTaskSource, RolloutActor, RolloutConfig, TaskSpec, TrajectoryGroup
-from envtune.runtime.supervisor import Supervisor
 
 
 def test_latency_model_engine_sleeps_per_model_and_counts() -> None:
@@ -51,7 +52,7 @@ def test_virtual_clock_reports_a_deadlock_instead_of_hanging() -> None:
     async def main() -> None:
         await asyncio.Event().wait()
 
-    from envtune.runtime.fake_engine import VirtualClockLoop
+    from envtune.runtime.testing.fake_engine import VirtualClockLoop
 
     loop = VirtualClockLoop(idle_limit_s=0.01)
     try:

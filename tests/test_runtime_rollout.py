@@ -8,24 +8,21 @@ import random
 from collections import Counter
 
 import pytest
+from envtune.agents.engine import EngineError, GenerateRequest
 from envtune.agents.trajectory import Trajectory
 from envtune.runtime.actors import Actor, Mailbox, MailboxClosed
-from envtune.runtime.engines.base import EngineError, GenerateRequest
-from envtune.runtime.fake_engine import LatencyModel, LatencyModelEngine, run_virtual
-from envtune.runtime.rollout import (
+from envtune.runtime.records import (
+    DropReason,
     GroupsDiscarded,
     IteratorTaskSource,
     PolicyUpdated,
-    RetryingEngine,
-    RetryPolicy,
-    RolloutActor,
-    RolloutConfig,
-    StalenessGate,
     TaskSpec,
     TrajectoryGroup,
-    run_synchronous_batches,
 )
+from envtune.runtime.reference import run_synchronous_batches
+from envtune.runtime.rollout import RolloutActor, RolloutConfig, StalenessGate
 from envtune.runtime.supervisor import Supervisor
+from envtune.runtime.testing.fake_engine import LatencyModel, LatencyModelEngine, run_virtual
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -166,7 +163,7 @@ def test_actor_agrees_with_the_synchronous_reference_loop() -> None:
         )
         assert signature(received) == signature(reference.groups)
         assert dict(actor.statistics().dropped_by_reason) == dict(reference.dropped_by_reason)
-        assert dict(reference.dropped_by_reason) == {"ValueError": 4}
+        assert dict(reference.dropped_by_reason) == {"episode_error": 4}
 
     run_virtual(main())
 
@@ -198,41 +195,22 @@ def test_failed_members_are_dropped_with_their_reason_and_small_groups_dropped()
         assert sorted(by_task) == ["t0", "t1"]
         assert len(by_task["t1"].trajectories) == 3 and by_task["t1"].size == 4
         stats = actor.statistics()
-        assert dict(stats.dropped_by_reason) == {"KeyError": 1, "RuntimeError": 3, "group_incomplete": 1}
+        assert dict(stats.dropped_by_reason) == {"episode_error": 4, "group_incomplete": 1}
         assert stats.groups_dropped == 1
         check_accounting(actor, runner, received)
 
     run_virtual(main())
 
 
-def test_engine_errors_are_retried_with_backoff_then_dropped() -> None:
+def test_engine_errors_are_dropped_as_engine_error() -> None:
     async def main() -> None:
-        def faults(request: GenerateRequest, index: int) -> EngineError | None:
-            if index in (0, 1):  # the first two calls fail transiently
-                return EngineError("overloaded", retryable=True)
-            if request.prompt_ids[:1] == (99,):
-                return EngineError("bad request", retryable=False)
-            return None
-
-        engine = make_engine(fault_fn=faults)
-        retrying = RetryingEngine(engine, RetryPolicy(max_attempts=3, backoff_s=1.0))
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        (completion,) = await retrying.generate(GenerateRequest(prompt_ids=(1,)))
-        assert completion.token_ids == (5, 6, 7)
-        assert retrying.retries == 2
-        assert loop.time() - start == pytest.approx(1.0 + 2.0 + 1.3)  # backoff 1 s, 2 s, then the call
-        with pytest.raises(EngineError, match="bad request"):
-            await retrying.generate(GenerateRequest(prompt_ids=(99,)))
-        assert retrying.retries == 2  # non-retryable: no retry
-
-        always = RetryingEngine(make_engine(fault_fn=lambda r, i: EngineError("down", retryable=True)))
-        runner = FakeRunner(always)
+        # The client owns retries; what reaches the rollout has failed for good.
+        failing = make_engine(fault_fn=lambda r, i: EngineError("down", retryable=True))
+        runner = FakeRunner(failing)
         config = RolloutConfig(max_concurrent_episodes=4, group_size=2, max_staleness=None)
         actor, received = await run_to_completion(config, runner, tasks(2))
         assert received == []
-        assert dict(actor.statistics().dropped_by_reason) == {"EngineError": 4}
-        assert always.retries == 4 * (RetryPolicy().max_attempts - 1)
+        assert dict(actor.statistics().dropped_by_reason) == {"engine_error": 4}
         check_accounting(actor, runner, received)
 
     run_virtual(main())
@@ -321,14 +299,14 @@ class ToyLearner(Actor[TrajectoryGroup]):
         self.discarded = 0
 
     async def handle(self, message: TrajectoryGroup) -> None:
-        if message.staleness(self.version) > self.eta:
+        if self.version - message.start_version > self.eta:
             self.discarded += 1
             with contextlib.suppress(MailboxClosed):  # the rollout may have stopped already
-                await self.rollout.send(GroupsDiscarded(1))
+                await self.rollout.send(GroupsDiscarded(1, DropReason.STALE))
             return
         self.batch.append(message)
         if len(self.batch) == self.per_step:
-            self.trained += [(g.group_id, g.staleness(self.version)) for g in self.batch]
+            self.trained += [(g.group_id, self.version - g.start_version) for g in self.batch]
             self.batch.clear()
             await asyncio.sleep(self.step_s)
             self.version += 1
@@ -416,7 +394,7 @@ def test_a_full_trajectory_queue_stops_dispatch() -> None:
             stats = actor.statistics()
             # 2 groups queued; 4 finished episodes hold their slots waiting for room: dispatch stops.
             assert sink.statistics().depth == 2 and sink.statistics().blocked_senders == 4
-            assert (stats.episodes_started, stats.running, stats.in_flight) == (6, 0, 4)
+            assert (stats.episodes_started, stats.episodes_running, stats.in_flight) == (6, 0, 4)
             consumer = tg.create_task(collect(sink, received))
             await actor.stop()
             await run

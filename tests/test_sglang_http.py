@@ -24,23 +24,22 @@ import aiohttp
 import pytest
 import torch
 from aiohttp import web
-from envtune.runtime.engines import (
+from envtune.agents.engine import (
     Constraint,
     ConstraintKind,
-    EmbeddedEngine,
-    EmbeddedEngineConfig,
     Engine,
     EngineError,
     FinishReason,
     GenerateRequest,
     SamplingParams,
-    SGLangClient,
-    SGLangClientConfig,
-    SGLangProtocolServer,
     WeightSync,
 )
+from envtune.runtime.engines.embedded import EmbeddedEngine
+from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
+from envtune.runtime.engines.sglang_client import SGLangClient
 from envtune.runtime.engines.sglang_protocol import ContractError, parse_generate
-from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
+from envtune.runtime.engines.sglang_server import SGLangProtocolServer
+from envtune.runtime.engines.tiny_model import default_tiny_model_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,8 +68,8 @@ def contract() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[EmbeddedEngine]:
-    engine = EmbeddedEngine(EmbeddedEngineConfig())
+def engine(tiny_model_dir: Path) -> Iterator[EmbeddedEngine]:
+    engine = EmbeddedEngine(tiny_model_dir, EmbeddedEngineConfig())
     yield engine
     asyncio.run(engine.close())
 
@@ -492,44 +491,46 @@ async def test_least_outstanding_balancing_and_episode_affinity(
 
 
 async def test_lora_weight_sync_over_http(
-    contract: ModuleType, prompt: tuple[int, ...], tmp_path: Path
+    contract: ModuleType, prompt: tuple[int, ...], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    tiny = build_tiny_model(default_tiny_model_dir())
+    tiny = tiny_model_dir
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(tiny),
         LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     model.save_pretrained(tmp_path / "adapter")
     judge = Judge(contract)
-    async with await EmbeddedEngine.open() as engine:
+    async with await EmbeddedEngine.open(tiny) as engine:
         server = await start_server(engine, judge)
         try:
             async with client_for(server.url) as client:
-                assert await client.load_adapter("policy-v1", str(tmp_path / "adapter")) == 1
-                assert engine.adapters() == {"policy-v1": 1}
+                await client.load_adapter("policy-v7", str(tmp_path / "adapter"), version=7)
+                # SGLang's API carries no version: the client stamps completions from its own map,
+                # the server numbers adapters in load order.
+                assert engine.adapters() == {"policy-v7": 1}
                 sampling = SamplingParams(max_new_tokens=5, temperature=1.0, seed=3)
-                tuned = await client.generate(GenerateRequest(prompt, sampling, adapter="policy-v1"))
-                direct = await engine.generate(GenerateRequest(prompt, sampling, adapter="policy-v1"))
-                assert tuned[0].policy_version == 1 and tuned[0].token_ids == direct[0].token_ids
-                assert judge.requests[-1]["lora_path"] == "policy-v1"
+                tuned = await client.generate(GenerateRequest(prompt, sampling, adapter="policy-v7"))
+                direct = await engine.generate(GenerateRequest(prompt, sampling, adapter="policy-v7"))
+                assert tuned[0].policy_version == 7 and tuned[0].token_ids == direct[0].token_ids
+                assert judge.requests[-1]["lora_path"] == "policy-v7"
                 with pytest.raises(EngineError) as info:
-                    await client.load_adapter("policy-v2", str(tmp_path / "missing"))
+                    await client.load_adapter("policy-v8", str(tmp_path / "missing"), version=8)
                 assert info.value.retryable is False
-                await client.unload_adapter("policy-v1")
+                await client.unload_adapter("policy-v7")
                 with pytest.raises(EngineError, match="not loaded"):
-                    await client.generate(GenerateRequest(prompt, sampling, adapter="policy-v1"))
-                assert await client.update_weights_from_disk(str(tiny)) == 2
+                    await client.generate(GenerateRequest(prompt, sampling, adapter="policy-v7"))
+                await client.update_weights_from_disk(str(tiny), version=9)
                 base = await client.generate(GenerateRequest(prompt, sampling))
-                assert base[0].policy_version == 2
+                assert base[0].policy_version == 9
                 await client.flush_cache()
                 async with aiohttp.ClientSession() as session:
                     async with session.get(server.url + "/model_info") as response:
                         info_body = await response.json()
                     contract.GetModelInfoResponse.from_json_value(info_body)
-                    assert info_body["weight_version"] == "2"
+                    assert info_body["weight_version"] == "9"
                     async with session.get(server.url + "/server_info") as response:
                         contract.GetServerInfoResponse.from_json_value(await response.json())
                     async with session.get(server.url + "/health_generate") as response:
@@ -558,7 +559,7 @@ def test_envtune_serve_console_script(tmp_path: Path) -> None:
     """Smoke run of the real entry point: start, answer /generate, stop on SIGTERM."""
     script = Path(sys.executable).parent / "envtune-serve"
     command = (
-        [str(script)] if script.exists() else [sys.executable, "-m", "envtune.runtime.engines.sglang_server"]
+        [str(script)] if script.exists() else [sys.executable, "-m", "envtune.runtime.cli.serve"]
     )
     process = subprocess.Popen(
         [*command, "--port", "0"],

@@ -9,40 +9,31 @@ from pathlib import Path
 import pytest
 import torch
 from envtune.environments.tasks import load_tasks
-from envtune.runtime.tiny_model import (
+from envtune.runtime.engines.tiny_model import (
     PROTOCOL_TOKENS,
     SPECIAL_TOKENS,
     TinyModelSpec,
     build_tiny_model,
-    default_tiny_model_dir,
     fingerprint,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 
-@pytest.fixture(scope="module")
-def tiny_dir() -> Path:
-    return build_tiny_model(default_tiny_model_dir())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir: Path):
-    return AutoTokenizer.from_pretrained(tiny_dir)
-
-
-def test_reuse_leaves_a_complete_build_untouched(tiny_dir: Path) -> None:
-    marker = tiny_dir / "envtune-tiny-model.json"
-    before = (marker.stat().st_mtime_ns, (tiny_dir / "model.safetensors").stat().st_mtime_ns)
-    assert build_tiny_model(tiny_dir) == tiny_dir
-    after = (marker.stat().st_mtime_ns, (tiny_dir / "model.safetensors").stat().st_mtime_ns)
+def test_reuse_leaves_a_complete_build_untouched(tiny_model_dir: Path) -> None:
+    marker = tiny_model_dir / "envtune-tiny-model.json"
+    before = (marker.stat().st_mtime_ns, (tiny_model_dir / "model.safetensors").stat().st_mtime_ns)
+    assert build_tiny_model(tiny_model_dir) == tiny_model_dir
+    after = (marker.stat().st_mtime_ns, (tiny_model_dir / "model.safetensors").stat().st_mtime_ns)
     assert before == after
     assert json.loads(marker.read_text())["seed"] == 0
 
 
-def test_foreign_folder_is_refused_then_overwritten_deterministically(tiny_dir: Path, tmp_path: Path) -> None:
+def test_foreign_folder_is_refused_then_overwritten_deterministically(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     target = tmp_path / "model"
     target.mkdir()
     (target / "notes.txt").write_text("not a model")
@@ -51,18 +42,18 @@ def test_foreign_folder_is_refused_then_overwritten_deterministically(tiny_dir: 
     assert build_tiny_model(target, overwrite=True) == target
     assert not (target / "notes.txt").exists()
     # Same seed, same spec: byte-identical tokenizer and weights.
-    assert fingerprint(target) == fingerprint(tiny_dir)
+    assert fingerprint(target) == fingerprint(tiny_model_dir)
     # No temp build folders left behind.
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
-def test_other_seed_of_a_build_is_not_silently_reused(tiny_dir: Path) -> None:
+def test_other_seed_of_a_build_is_not_silently_reused(tiny_model_dir: Path) -> None:
     with pytest.raises(FileExistsError):
-        build_tiny_model(tiny_dir, seed=1)
+        build_tiny_model(tiny_model_dir, seed=1)
 
 
-def test_model_is_qwen2_shaped_and_small(tiny_dir: Path, tokenizer) -> None:
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+def test_model_is_qwen2_shaped_and_small(tiny_model_dir: Path, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     spec = TinyModelSpec()
     config = model.config
     assert config.model_type == "qwen2"
@@ -89,9 +80,9 @@ def test_special_and_protocol_tokens(tokenizer) -> None:
     )
 
 
-def test_every_loader_tokenizes_identically(tiny_dir: Path, tokenizer) -> None:
-    raw = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
-    fast = PreTrainedTokenizerFast.from_pretrained(tiny_dir)
+def test_every_loader_tokenizes_identically(tiny_model_dir: Path, tokenizer) -> None:
+    raw = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
     texts = [q for task in list(load_tasks().values())[::40] for turn in task.questions for q in turn]
     texts.append(
         '<think>a  b\n\n c</think><tool_call>[{"name": "cd", "arguments": {"folder": "d"}}]</tool_call>'

@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 from envtune.environments.tool_calls import (
+    ANSWER_REPLY,
     MAX_CALLS_PER_STEP,
     MAX_NESTING_DEPTH,
     MAX_REPLY_CHARS,
     FormatError,
     ParsedReply,
     format_pythonic_call,
+    format_reply,
     parse_json_calls,
     parse_pythonic_calls,
     parse_reply,
@@ -61,6 +63,13 @@ def same_calls(a: tuple[ToolCall, ...], b: tuple[ToolCall, ...]) -> bool:
 
 
 # --- the tagged reply ----------------------------------------------------------------------------
+
+
+def test_format_reply_is_the_inverse_of_parse_reply() -> None:
+    calls = (ToolCall("cd", {"folder": "document"}), ToolCall("mv", {"source": "a", "destination": "b"}))
+    parsed = parse_reply(format_reply(calls))
+    assert parsed.kind == "tool_call" and parsed.calls == calls
+    assert parse_reply(ANSWER_REPLY).kind == "answer"
 
 
 def test_tool_call_reply() -> None:

@@ -1,58 +1,17 @@
-"""Inference engines: the ``Engine`` protocol, the embedded transformers engine, the SGLang client,
-SGLang's ``/generate`` contract, and the SGLang-protocol server that serves the embedded engine."""
+"""Inference engines behind ``envtune.agents.engine``'s contract.
 
-from envtune.runtime.engines.base import (
-    ADAPTER_NAME_PREFIX,
-    Completion,
-    Constraint,
-    ConstraintKind,
-    Engine,
-    EngineError,
-    FinishReason,
-    GenerateRequest,
-    SamplingParams,
-    WeightSync,
-    adapter_name,
-    adapter_version,
-)
-from envtune.runtime.engines.embedded import (
-    EmbeddedEngine,
-    EmbeddedEngineConfig,
-    EngineStatistics,
-    TokenEvent,
-)
-from envtune.runtime.engines.sglang_client import (
-    ClientStatistics,
-    EndpointStatistics,
-    SGLangClient,
-    SGLangClientConfig,
-)
-from envtune.runtime.engines.sglang_protocol import ContractError, ParsedGenerate, parse_generate
-from envtune.runtime.engines.sglang_server import SGLangProtocolServer
+Modules, each imported by path because each pulls its own heavy dependencies:
 
-__all__ = [
-    "ADAPTER_NAME_PREFIX",
-    "ClientStatistics",
-    "Completion",
-    "Constraint",
-    "ConstraintKind",
-    "ContractError",
-    "EmbeddedEngine",
-    "EmbeddedEngineConfig",
-    "EndpointStatistics",
-    "Engine",
-    "EngineError",
-    "EngineStatistics",
-    "FinishReason",
-    "GenerateRequest",
-    "ParsedGenerate",
-    "SGLangClient",
-    "SGLangClientConfig",
-    "SGLangProtocolServer",
-    "SamplingParams",
-    "TokenEvent",
-    "WeightSync",
-    "adapter_name",
-    "adapter_version",
-    "parse_generate",
-]
+- ``embedded``: in-process transformers engine (continuous batching, xgrammar, LoRA, per-episode KV);
+  ``kv_batch`` and ``prefix_cache`` are its KV bookkeeping (torch);
+- ``sglang_client``: SGLang's native ``/generate`` API over HTTP (aiohttp), with balancing, episode
+  affinity, retries and weight sync; ``sglang_protocol``: SGLang's request contract (stdlib);
+- ``sglang_server``: the embedded engine behind SGLang's HTTP API (aiohttp);
+- ``tiny_model``: a tiny Qwen2-shaped model and a BPE tokenizer trained on BFCL texts (CPU default).
+
+This face re-exports only the settings records, which need nothing beyond the standard library.
+"""
+
+from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
+
+__all__ = ["EmbeddedEngineConfig", "SGLangClientConfig"]

@@ -56,43 +56,19 @@ from typing import Any
 
 import structlog
 import torch
-from envtune.runtime.engines.base import (
+from envtune.agents.engine import (
     Completion,
     Constraint,
     ConstraintKind,
     EngineError,
     FinishReason,
     GenerateRequest,
-    adapter_version,
 )
 from envtune.runtime.engines.kv_batch import cache_kv, growing_cache, merge_left_padded, select_rows
 from envtune.runtime.engines.prefix_cache import EpisodePrefixCache, PrefixHit
+from envtune.runtime.engines.settings import EmbeddedEngineConfig
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EmbeddedEngineConfig:
-    """How the embedded engine loads and batches."""
-
-    model_path: Path | None = None
-    """A transformers causal-LM folder (weights + tokenizer); None builds/reuses the tiny local model."""
-    device: str | None = None
-    """``cpu``, ``cuda``, ``cuda:1``...; None picks CUDA when available."""
-    max_batch_rows: int = 16
-    """Rows (sampled continuations) decoded together; a single job with more rows still runs alone."""
-    batch_window_s: float = 0.002
-    """How long an idle worker waits after the first arrival to gather a batch."""
-    grammar_cache_size: int = 256
-    """Compiled grammars kept (LRU, keyed by kind and text)."""
-    prefix_cache_tokens: int = 131_072
-    """Tokens of per-episode KV kept for reuse (0 disables): a request with an ``affinity_key``
-    whose prompt shares a prefix with a kept prompt + completion of that key prefills only the rest.
-    Memory: 2 KiB a token for the tiny model (256 MiB at the default), ~24 KiB for a 0.5B Qwen2."""
-    torch_threads: int | None = 1
-    """Intra-op threads of the engine's worker thread (OpenMP settings are per thread, so the rest of
-    the process keeps its own); None keeps torch's default. 1 is fastest for small models on few,
-    shared cores: with 2 threads on a busy 2-core machine OpenMP barriers made decoding 10-40x slower."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,18 +204,13 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: A
 class EmbeddedEngine:
     """An ``Engine`` and ``WeightSync`` running a transformers model in this process."""
 
-    def __init__(self, config: EmbeddedEngineConfig | None = None) -> None:
+    def __init__(self, model_path: Path | str, config: EmbeddedEngineConfig | None = None) -> None:
         """Load the model and tokenizer (blocking; use ``await EmbeddedEngine.open(...)`` on a loop)."""
         import xgrammar
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config or EmbeddedEngineConfig()
-        if self.config.model_path is None:
-            from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
-
-            model_path = build_tiny_model(default_tiny_model_dir())
-        else:
-            model_path = Path(self.config.model_path)
+        model_path = Path(model_path)
         self.model_path = model_path
         self.device = torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -282,9 +253,9 @@ class EmbeddedEngine:
         log.info("embedded_engine_started", model=str(model_path), device=str(self.device))
 
     @classmethod
-    async def open(cls, config: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
+    async def open(cls, model_path: Path | str, config: EmbeddedEngineConfig | None = None) -> EmbeddedEngine:
         """Construct without blocking the event loop."""
-        return await asyncio.to_thread(cls, config)
+        return await asyncio.to_thread(cls, model_path, config)
 
     async def __aenter__(self) -> EmbeddedEngine:
         return self
@@ -348,17 +319,17 @@ class EmbeddedEngine:
             if not job.future.done():
                 job.cancelled.set()
 
-    async def load_adapter(self, name: str, path: str, *, version: int | None = None) -> int:
+    async def load_adapter(self, name: str, path: str, *, version: int) -> None:
         """Load a LoRA adapter (peft folder) under ``name``; returns its policy version."""
-        return await self._control(lambda: self._do_load_adapter(name, str(path), version))
+        await self._control(lambda: self._do_load_adapter(name, str(path), version))
 
     async def unload_adapter(self, name: str) -> None:
         """Unload a LoRA adapter; raises ``EngineError`` when it is not loaded."""
         await self._control(lambda: self._do_unload_adapter(name))
 
-    async def update_weights_from_disk(self, path: str, *, version: int | None = None) -> int:
+    async def update_weights_from_disk(self, path: str, *, version: int) -> None:
         """Replace the base weights (loaded adapters are re-applied); returns the new base version."""
-        return await self._control(lambda: self._do_update_weights(str(path), version))
+        await self._control(lambda: self._do_update_weights(str(path), version))
 
     async def flush_cache(self) -> None:
         """Drop the per-episode prefix cache; ordered after queued work, as SGLang's flush is."""
@@ -491,7 +462,7 @@ class EmbeddedEngine:
     def _model(self) -> Any:
         return self._peft if self._peft is not None else self._base
 
-    def _do_load_adapter(self, name: str, path: str, version: int | None) -> int:
+    def _do_load_adapter(self, name: str, path: str, version: int) -> None:
         from peft import PeftModel
 
         if name in self._adapter_versions:
@@ -507,15 +478,10 @@ class EmbeddedEngine:
             raise EngineError(f"cannot load adapter {name!r} from {path}: {exc}", retryable=False) from exc
         self._peft.to(self.device).eval()
         self._active_adapter = None
-        if version is None:
-            version = adapter_version(name)
-        if version is None:
-            version = self.policy_version + 1
         self._adapter_paths[name] = path
         self._adapter_versions[name] = version
         self._version_high = max(self._version_high, version)
         log.info("adapter_loaded", name=name, path=path, version=version)
-        return version
 
     def _do_unload_adapter(self, name: str) -> None:
         if name not in self._adapter_versions:
@@ -533,7 +499,7 @@ class EmbeddedEngine:
         del self._adapter_paths[name]
         log.info("adapter_unloaded", name=name)
 
-    def _do_update_weights(self, path: str, version: int | None) -> int:
+    def _do_update_weights(self, path: str, version: int) -> None:
         try:
             base = self._load_base(path)
         except (OSError, ValueError) as exc:
@@ -553,10 +519,9 @@ class EmbeddedEngine:
         self._adapter_versions.clear()
         for name, adapter_path, adapter_ver in adapters:
             self._do_load_adapter(name, adapter_path, adapter_ver)
-        self._base_version = self.policy_version + 1 if version is None else version
+        self._base_version = version
         self._version_high = max(self._version_high, self._base_version)
         log.info("weights_updated", path=path, version=self._base_version)
-        return self._base_version
 
     def _adapter_context(self, adapter: str | None) -> contextlib.AbstractContextManager[Any]:
         if self._peft is None:

@@ -32,49 +32,15 @@ from typing import Any
 
 import aiohttp
 import structlog
-from envtune.runtime.engines.base import (
+from envtune.agents.engine import (
     Completion,
     EngineError,
     FinishReason,
     GenerateRequest,
-    adapter_version,
 )
+from envtune.runtime.engines.settings import SGLangClientConfig
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class SGLangClientConfig:
-    """Where the SGLang servers are and how hard to try."""
-
-    urls: tuple[str, ...]
-    """Base URLs of the replicas (or of one router), e.g. ``("http://127.0.0.1:30000",)``."""
-    api_key: str | None = None
-    """Sent as ``Authorization: Bearer KEY`` when set (SGLang's ``--api-key``)."""
-    max_connections: int = 512
-    """Pool size over all replicas (``TCPConnector(limit=...)``)."""
-    request_timeout_s: float = 900.0
-    """Whole-request timeout for ``/generate`` (long generations at high load are slow)."""
-    connect_timeout_s: float = 10.0
-    """TCP connect timeout."""
-    control_timeout_s: float = 600.0
-    """Timeout of weight-sync calls (loading weights can take a while)."""
-    max_retries: int = 5
-    """Retries after the first attempt on 5xx, timeouts and dropped connections."""
-    backoff_initial_s: float = 0.2
-    """First retry delay; doubles each retry (with jitter) up to ``backoff_max_s``."""
-    backoff_max_s: float = 10.0
-    """Cap on one retry delay."""
-    unhealthy_cooldown_s: float = 5.0
-    """A replica that failed is avoided for this long (when another one is healthy)."""
-    affinity_capacity: int = 65536
-    """Affinity keys remembered (least recently used are forgotten)."""
-
-    def __post_init__(self) -> None:
-        if not self.urls:
-            raise ValueError("SGLangClientConfig needs at least one URL")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +88,8 @@ class SGLangClient:
     """An ``Engine`` and ``WeightSync`` backed by SGLang servers over HTTP."""
 
     def __init__(self, config: SGLangClientConfig) -> None:
+        if not config.urls:
+            raise ValueError("the SGLang client needs at least one URL")
         self.config = config
         self._endpoints = [_Endpoint(url) for url in config.urls]
         self._affinity: collections.OrderedDict[str, _Endpoint] = collections.OrderedDict()
@@ -308,7 +276,7 @@ class SGLangClient:
 
     def _version_for(self, adapter: str | None, meta: dict[str, Any]) -> int:
         if adapter is not None:
-            known = self._adapter_versions.get(adapter, adapter_version(adapter))
+            known = self._adapter_versions.get(adapter)
             if known is not None:
                 return known
         weight_version = meta.get("weight_version")
@@ -401,34 +369,28 @@ class SGLangClient:
         """The highest version published so far (base weights or any adapter, unloaded ones too)."""
         return self._version_high
 
-    async def load_adapter(self, name: str, path: str, *, version: int | None = None) -> int:
-        """``/load_lora_adapter`` on every replica; returns the adapter's policy version."""
+    async def load_adapter(self, name: str, path: str, *, version: int) -> None:
+        """``/load_lora_adapter`` on every replica. SGLang's API carries no version, so the client
+        keeps the name -> version map that completions are stamped from."""
         await self._on_every_replica(
             "/load_lora_adapter", {"lora_name": name, "lora_path": str(path), "pinned": False}
         )
-        if version is None:
-            version = adapter_version(name)
-        if version is None:
-            version = self.policy_version + 1
         self._adapter_versions[name] = version
         self._version_high = max(self._version_high, version)
-        return version
 
     async def unload_adapter(self, name: str) -> None:
         """``/unload_lora_adapter`` on every replica."""
         await self._on_every_replica("/unload_lora_adapter", {"lora_name": name})
         self._adapter_versions.pop(name, None)
 
-    async def update_weights_from_disk(self, path: str, *, version: int | None = None) -> int:
-        """``/update_weights_from_disk`` on every replica (``weight_version`` set to the new version)."""
-        new_version = self.policy_version + 1 if version is None else version
+    async def update_weights_from_disk(self, path: str, *, version: int) -> None:
+        """``/update_weights_from_disk`` on every replica (SGLang's ``weight_version`` = ``version``)."""
         await self._on_every_replica(
             "/update_weights_from_disk",
-            {"model_path": str(path), "weight_version": str(new_version), "flush_cache": True},
+            {"model_path": str(path), "weight_version": str(version), "flush_cache": True},
         )
-        self._base_version = new_version
-        self._version_high = max(self._version_high, new_version)
-        return new_version
+        self._base_version = version
+        self._version_high = max(self._version_high, version)
 
     async def flush_cache(self) -> None:
         """``POST /flush_cache`` on every replica."""

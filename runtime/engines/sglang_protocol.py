@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from envtune.runtime.engines.base import Constraint, ConstraintKind, SamplingParams
+from envtune.agents.engine import Constraint, ConstraintKind, SamplingParams
 
 _TOP_K_DISABLED = 1 << 30
 """SGLang's ``top_k`` default, meaning "no top-k"."""

@@ -11,30 +11,29 @@ Endpoints: ``/generate`` (``stream`` SSE too), ``/health``, ``/health_generate``
 endpoint but the health checks wants ``Authorization: Bearer KEY``.
 
 ``meta_info.weight_version`` is the policy version that produced each response (as a string).
+SGLang's ``/load_lora_adapter`` carries no version: the server numbers adapters in load order
+(after the highest version so far); a client that tracks policy versions (``SGLangClient``) keeps its
+own map from adapter name to version. Left out: the console script (``envtune.runtime.cli.serve``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import json
-import signal
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
-from envtune.runtime.engines.base import (
+from envtune.agents.engine import (
     Completion,
     EngineError,
     FinishReason,
     GenerateRequest,
     SamplingParams,
 )
-from envtune.runtime.engines.embedded import EmbeddedEngine, EmbeddedEngineConfig
+from envtune.runtime.engines.embedded import EmbeddedEngine
 from envtune.runtime.engines.sglang_protocol import (
     ContractError,
     ParsedGenerate,
@@ -363,7 +362,7 @@ class SGLangProtocolServer:
         except ContractError as exc:
             return self._lora_response(False, str(exc))
         try:
-            await self.engine.load_adapter(name, path)
+            await self.engine.load_adapter(name, path, version=self.engine.policy_version + 1)
         except EngineError as exc:
             return self._lora_response(False, str(exc))
         return self._lora_response(True, None)
@@ -395,10 +394,9 @@ class SGLangProtocolServer:
             return failure(str(exc))
         if version is not None and not version.isdigit():
             return failure(f"envtune's engine uses integer weight versions, got {version!r}")
+        new_version = self.engine.policy_version + 1 if version is None else int(version)
         try:
-            new_version = await self.engine.update_weights_from_disk(
-                path, version=None if version is None else int(version)
-            )
+            await self.engine.update_weights_from_disk(path, version=new_version)
         except EngineError as exc:
             return failure(str(exc))
         return web.json_response(
@@ -412,73 +410,3 @@ class SGLangProtocolServer:
     async def _flush_cache(self, request: web.Request) -> web.Response:
         await self.engine.flush_cache()
         return web.Response(text="Cache flushed.\n", status=200)
-
-
-# --- the console script ----------------------------------------------------------------------
-
-
-def _parse_adapter(spec: str) -> tuple[str, str]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--adapter wants NAME=PATH, got {spec!r}")
-    return name, path
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """``envtune-serve``'s command line."""
-    parser = argparse.ArgumentParser(
-        prog="envtune-serve",
-        description="Serve a model with SGLang's native HTTP API (CPU, or CUDA when present).",
-    )
-    parser.add_argument(
-        "--model", type=Path, default=None, help="model folder (default: the tiny local model)"
-    )
-    parser.add_argument(
-        "--adapter",
-        type=_parse_adapter,
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="LoRA adapter",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
-    parser.add_argument("--max-batch-rows", type=int, default=16)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--log-format", choices=("console", "json"), default="console")
-    return parser
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    engine = await EmbeddedEngine.open(
-        EmbeddedEngineConfig(model_path=args.model, device=args.device, max_batch_rows=args.max_batch_rows)
-    )
-    try:
-        for name, path in args.adapter:
-            await engine.load_adapter(name, path)
-        server = SGLangProtocolServer(engine, api_key=args.api_key)
-        await server.start(args.host, args.port)
-        print(f"envtune-serve listening on {server.url}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await server.close()
-    finally:
-        await engine.close()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``envtune-serve``."""
-    from envtune.runtime.logs import configure_logging
-
-    args = build_arg_parser().parse_args(argv)
-    configure_logging(args.log_format)
-    asyncio.run(_serve(args))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,18 +1,16 @@
-"""The learner side of a training run, and the glue between the curriculum and the rollout.
+"""The learner side of a training run: an actor between the trajectory queue and the ``Learner``.
 
-* ``CurriculumTaskSource``: the rollout's ``TaskSource`` over a ``CurriculumScheduler``.
-* ``EpisodeRunner``: the rollout's ``run_episode``: one BFCL episode under the conditions its
-  ``CurriculumTask`` carries (so an episode in flight at a promotion finishes under the stage it
-  started in), sampled with the adapter that is current when it starts.
-* ``LearnerActor`` (named ``learner``; its mailbox is the trajectory queue): takes finished groups,
-  lets the scheduler count them (zero-variance groups dropped or kept by config), drops groups too
-  stale to train, and every ``groups_per_step`` kept groups runs one learner step (in a thread),
-  publishes the adapter, tells the rollout the new policy version, validates when due, closes the
-  curriculum step (maybe a promotion), writes the step's metrics and sample trajectories, and
-  checkpoints. When the curriculum or the step budget ends it sets ``done``.
+``LearnerActor`` (named ``learner``; its mailbox is the trajectory queue) takes finished groups, lets
+the scheduler count them (zero-variance groups dropped or kept by the stage's config), drops groups
+too stale to train (the rollout's one staleness rule), and every ``groups_per_step`` kept groups runs
+one learner step (in a thread), publishes the adapter, tells the rollout the new policy version,
+validates when due, closes the curriculum step (maybe a promotion), writes the step's metrics and
+sample trajectories, and checkpoints. Every group it receives ends trained or discarded with a
+``DropReason``, and a discarded group gives its admission slot back to the rollout's gate. When the
+curriculum or the step budget ends it sets ``done``.
 
-Left out: building engines and the process around the run (``cli.py``), the episode loop itself
-(``agents``), the learning rule (``optim``).
+Left out: building engines and the process around the run (``training.py``, ``cli``), the episode
+loop (``agents``), the learning rule (``optim``).
 """
 
 from __future__ import annotations
@@ -20,28 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
-from envtune.agents.chat_tokens import ChatTokenizer
-from envtune.agents.config import AgentConfig
-from envtune.agents.episode_loop import run_episode
-from envtune.agents.grammar import ConstraintCache
 from envtune.agents.trajectory import Trajectory
-from envtune.environments.episode import BfclEnvironment, EpisodeConfig
 from envtune.optim.learner import Learner
-from envtune.optim.weight_sync import AdapterPublisher
 from envtune.runtime.actors import Actor, MailboxClosed
-from envtune.runtime.config import SamplingConfig
-from envtune.runtime.curriculum import CurriculumScheduler, CurriculumTask, GroupOutcome
-from envtune.runtime.engines.base import Engine, SamplingParams
-from envtune.runtime.evaluate import EvalSettings, evaluate_tasks, summarize
-from envtune.runtime.rollout import GroupsDiscarded, PolicyUpdated, RolloutActor, TaskSpec, TrajectoryGroup
-from envtune.runtime.run_folder import RunFolder
+from envtune.runtime.metrics import RateMeter
+from envtune.runtime.recipe.config import RunConfig
+from envtune.runtime.recipe.curriculum import CurriculumScheduler, GroupOutcome
+from envtune.runtime.recipe.episodes import CurriculumTaskSource
+from envtune.runtime.recipe.run_folder import RunFolder
+from envtune.runtime.records import DropReason, GroupsDiscarded, PolicyUpdated, TrajectoryGroup, is_stale
+from envtune.runtime.rollout import RolloutActor, RolloutConfig
+from envtune.runtime.weight_sync import AdapterPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -49,149 +43,6 @@ LEARNER_STATE_FILE = "learner.pt"
 """The learner's state (adapter, optimizer, counters, RNG) inside a checkpoint."""
 ADAPTER_DIR = "adapter"
 """The adapter in peft layout inside a checkpoint (loadable by SGLang and ``envtune-eval``)."""
-
-
-class CurriculumTaskSource:
-    """The rollout's task source: the scheduler's next task until the curriculum ends or is closed."""
-
-    def __init__(self, scheduler: CurriculumScheduler) -> None:
-        self._scheduler = scheduler
-        self._closed = False
-
-    def close(self) -> None:
-        """Hand out nothing more (the run is ending)."""
-        self._closed = True
-
-    async def next_task(self) -> CurriculumTask | None:
-        if self._closed or self._scheduler.finished:
-            return None
-        return self._scheduler.next_task()
-
-
-class EpisodeRunner:
-    """Runs one training episode of a ``CurriculumTask`` (the rollout's ``EpisodeRunner``)."""
-
-    def __init__(
-        self,
-        engine: Engine,
-        env: BfclEnvironment,
-        chat: ChatTokenizer,
-        publisher: AdapterPublisher,
-        sampling: SamplingConfig,
-        constraints: ConstraintCache | None = None,
-    ) -> None:
-        self._engine = engine
-        self._env = env
-        self._chat = chat
-        self._publisher = publisher
-        self._sampling = SamplingParams(
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-        )
-        self._max_total_tokens = sampling.max_episode_tokens
-        self._constraints = constraints if constraints is not None else ConstraintCache()
-
-    async def __call__(self, task: TaskSpec, group_id: str, start_version: int) -> Trajectory:
-        if not isinstance(task, CurriculumTask):
-            raise TypeError(f"expected a CurriculumTask, got {type(task).__name__}")
-        episode = self._env.make_episode(
-            task.task_id,
-            EpisodeConfig(
-                feedback=task.feedback,
-                prompt_style=task.prompt_style,
-                max_steps_per_turn=task.max_steps_per_turn,
-            ),
-        )
-        try:
-            async with self._publisher.use() as adapter:
-                agent = AgentConfig(
-                    sampling=self._sampling,
-                    constrained=task.constrained,
-                    max_total_tokens=self._max_total_tokens,
-                    reward=task.reward,
-                    adapter=adapter.name if adapter is not None else None,
-                )
-                return await run_episode(
-                    self._engine,
-                    episode,
-                    self._chat,
-                    agent,
-                    task_id=task.task_id,
-                    group_id=group_id,
-                    stage=task.stage,
-                    start_version=start_version,
-                    constraints=self._constraints,
-                )
-        finally:
-            episode.close()
-
-
-def make_validator(
-    scheduler: CurriculumScheduler,
-    engine: Engine,
-    env: BfclEnvironment,
-    chat: ChatTokenizer,
-    publisher: AdapterPublisher,
-    sampling: SamplingConfig,
-    *,
-    concurrency: int,
-    constraints: ConstraintCache | None = None,
-) -> Callable[[], Awaitable[dict[str, float]]]:
-    """Validation on the held-out validation ids, greedy, with the current adapter."""
-
-    async def validate() -> dict[str, float]:
-        specs = scheduler.validation_tasks()
-        if not specs:
-            return {}
-        first = specs[0]
-        async with publisher.use() as adapter:
-            settings = EvalSettings(
-                feedback=first.feedback,
-                prompt_style=first.prompt_style,
-                max_steps_per_turn=first.max_steps_per_turn,
-                constrained=first.constrained,
-                max_new_tokens=sampling.max_new_tokens,
-                max_total_tokens=sampling.max_episode_tokens,
-                temperature=0.0,
-                concurrency=concurrency,
-                adapter=adapter.name if adapter is not None else None,
-            )
-            results = await evaluate_tasks(
-                engine, env, chat, [s.task_id for s in specs], settings, constraints=constraints
-            )
-        summary = summarize(results)
-        out = {
-            "validation/accuracy": summary.overall_accuracy,
-            "validation/progress": sum(r.progress for r in results) / len(results),
-            "validation/format_reward": sum(r.format_reward for r in results) / len(results),
-            "validation/errors": float(summary.errors),
-        }
-        out.update({f"validation/accuracy/{name}": s.accuracy for name, s in summary.categories.items()})
-        return out
-
-    return validate
-
-
-@dataclass(frozen=True, slots=True)
-class TrainerSettings:
-    """What the learner actor needs from the run config."""
-
-    groups_per_step: int
-    """Kept groups per learner step."""
-    max_staleness: int
-    """Most policy versions a group may lag at the step that trains it."""
-    max_steps: int = 0
-    """Global cap on learner steps (0 = until the curriculum ends)."""
-    checkpoint_every: int = 0
-    """Checkpoint every this many steps (0 = only at the end)."""
-    keep_checkpoints: int = 3
-    """Complete checkpoints kept."""
-    sample_every: int = 0
-    """Write sample trajectories every this many steps (0 = never)."""
-    sample_count: int = 2
-    """Trajectories written per sampled step."""
 
 
 class LearnerActor(Actor[TrajectoryGroup]):
@@ -205,7 +56,8 @@ class LearnerActor(Actor[TrajectoryGroup]):
         scheduler: CurriculumScheduler,
         publisher: AdapterPublisher,
         folder: RunFolder,
-        settings: TrainerSettings,
+        rollout_config: RolloutConfig,
+        run_config: RunConfig,
         *,
         decode: Callable[[Sequence[int]], str],
         validate: Callable[[], Awaitable[dict[str, float]]] | None = None,
@@ -214,12 +66,13 @@ class LearnerActor(Actor[TrajectoryGroup]):
         mailbox_size: int | None = None,
         name: str = "learner",
     ) -> None:
-        super().__init__(name, mailbox_size or max(2, 2 * settings.groups_per_step))
+        super().__init__(name, mailbox_size or max(2, 2 * rollout_config.groups_per_step))
         self.learner = learner
         self.scheduler = scheduler
         self.publisher = publisher
         self.folder = folder
-        self.settings = settings
+        self.rollout_config = rollout_config
+        self.run_config = run_config
         self._decode = decode
         self._validate = validate
         self._on_step = on_step
@@ -232,10 +85,8 @@ class LearnerActor(Actor[TrajectoryGroup]):
         self._batch: list[TrajectoryGroup] = []
         self._last_checkpoint = start_step
         self._started = time.monotonic()
-        self._last_time = self._started
-        self._last_completed = 0
-        self._last_tokens = 0
-        self._discarded: dict[str, int] = {}
+        self._rates = RateMeter()
+        self._discarded: Counter[DropReason] = Counter()
 
     def connect(self, rollout: RolloutActor, source: CurriculumTaskSource) -> None:
         """The rollout to notify of new versions and discarded groups, and the source to close."""
@@ -261,24 +112,25 @@ class LearnerActor(Actor[TrajectoryGroup]):
 
     async def _receive(self, group: TrajectoryGroup) -> None:
         if self.done.is_set():
-            return  # the run is ending: nothing more is trained, and dispatch is over
+            await self._discard(1, DropReason.RUN_ENDING)  # nothing more is trained
+            return
         if not group.trajectories:
-            await self._discard(1, "empty")
+            await self._discard(1, DropReason.EMPTY)
             return
         verdict = self.scheduler.record_group(GroupOutcome.from_trajectories(group.trajectories))
         if not verdict.keep:
-            await self._discard(1, "zero_variance")
+            await self._discard(1, DropReason.ZERO_VARIANCE)
             return
-        if self.learner.policy_version - group.start_version > self.settings.max_staleness:
-            await self._discard(1, "stale")
+        if is_stale(group.start_version, self.learner.policy_version, self.rollout_config.max_staleness):
+            await self._discard(1, DropReason.STALE)
             return
         self._batch.append(group)
-        if len(self._batch) >= self.settings.groups_per_step:
+        if len(self._batch) >= self.rollout_config.groups_per_step:
             batch, self._batch = self._batch, []
             await self._train_step(batch)
 
-    async def _discard(self, count: int, reason: str) -> None:
-        self._discarded[reason] = self._discarded.get(reason, 0) + count
+    async def _discard(self, count: int, reason: DropReason) -> None:
+        self._discarded[reason] += count
         await self._notify(GroupsDiscarded(count=count, reason=reason))
 
     async def _notify(self, message: PolicyUpdated | GroupsDiscarded) -> None:
@@ -295,6 +147,10 @@ class LearnerActor(Actor[TrajectoryGroup]):
         version_before = self.learner.policy_version
         trajectories = [t for g in batch for t in g.trajectories]
         metrics = await asyncio.to_thread(self.learner.step, trajectories)
+        if not metrics.updated:
+            # The weights did not move, so the version did not either: these groups were consumed
+            # without a step, and the gate must get their slots back or dispatch stalls for good.
+            await self._discard(len(batch), DropReason.NOT_TRAINED)
         adapter = await self.publisher.publish(self.learner)
         await self._notify(PolicyUpdated(version=adapter.version))
         self.step += 1
@@ -324,41 +180,34 @@ class LearnerActor(Actor[TrajectoryGroup]):
         if summary.promotion is not None:
             self.folder.append_metrics(summary.promotion.to_record())
         self._write_samples(trajectories)
-        if self.settings.checkpoint_every and self.step % self.settings.checkpoint_every == 0:
+        if self.run_config.checkpoint_every and self.step % self.run_config.checkpoint_every == 0:
             await self.checkpoint()
         if self._on_step is not None:
             self._on_step(record)
         if self.scheduler.finished:
             self.finish("curriculum finished")
-        elif self.settings.max_steps and self.step >= self.settings.max_steps:
+        elif self.run_config.max_steps and self.step >= self.run_config.max_steps:
             self.finish("step budget reached")
 
     def _rollout_rates(self) -> dict[str, float]:
         if self._rollout is None:
             return {}
         stats = self._rollout.statistics()
-        now = time.monotonic()
-        elapsed = max(now - self._last_time, 1e-9)
-        rates = {
-            "rollout/episodes_per_s": (stats.episodes_completed - self._last_completed) / elapsed,
-            "rollout/tokens_per_s": (stats.generated_tokens - self._last_tokens) / elapsed,
+        episodes_per_s, tokens_per_s = self._rates.rates(stats, time.monotonic())
+        return {
+            "rollout/episodes_per_s": episodes_per_s,
+            "rollout/tokens_per_s": tokens_per_s,
             "rollout/episodes_completed": float(stats.episodes_completed),
             "rollout/episodes_dropped": float(stats.episodes_dropped),
             "rollout/in_flight": float(stats.in_flight),
         }
-        self._last_time, self._last_completed, self._last_tokens = (
-            now,
-            stats.episodes_completed,
-            stats.generated_tokens,
-        )
-        return rates
 
     def _write_samples(self, trajectories: Sequence[Trajectory]) -> None:
-        every = self.settings.sample_every
+        every = self.run_config.sample_trajectories_every
         if not every or self.step % every:
             return
         records = []
-        for t in trajectories[: self.settings.sample_count]:
+        for t in trajectories[: self.run_config.sample_trajectories_count]:
             first = t.loss_mask.index(True) if True in t.loss_mask else len(t.token_ids)
             records.append(
                 {
@@ -398,7 +247,7 @@ class LearnerActor(Actor[TrajectoryGroup]):
             self.learner.save_adapter(folder / ADAPTER_DIR)
 
         path = await asyncio.to_thread(self.folder.save_checkpoint, self.step, state, write)
-        await asyncio.to_thread(self.folder.prune_checkpoints, self.settings.keep_checkpoints)
+        await asyncio.to_thread(self.folder.prune_checkpoints, self.run_config.keep_checkpoints)
         self._last_checkpoint = self.step
         return path
 
@@ -406,6 +255,7 @@ class LearnerActor(Actor[TrajectoryGroup]):
         """The queue is drained (partial batches are not trained); leave a checkpoint behind."""
         if self._batch:
             log.info("learner_partial_batch_dropped", groups=len(self._batch), step=self.step)
+            self._discarded[DropReason.RUN_ENDING] += len(self._batch)
             self._batch = []
         await self.checkpoint()
 

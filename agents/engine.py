@@ -1,7 +1,9 @@
-"""The engine protocol: token ids in, sampled token ids and their logprobs out.
+"""The engine contract the agent calls: token ids in, sampled token ids and their logprobs out.
 
-Every inference backend (the embedded transformers engine, the SGLang HTTP client) implements
-``Engine``. The runtime and the episode loop only ever see this protocol and these records.
+Every inference backend (``envtune.runtime.engines``: the embedded transformers engine, the SGLang
+HTTP client) implements ``Engine``, and those that take new weights implement ``WeightSync``. The
+episode loop and the runtime only ever see these protocols and records, which is why they live here,
+below the runtime, in the standard library only.
 """
 
 from __future__ import annotations
@@ -124,32 +126,14 @@ class Engine(Protocol):
         ...
 
 
-ADAPTER_NAME_PREFIX = "policy-v"
-"""Adapters named ``policy-v{N}`` hold policy version N (the learner's naming convention)."""
-
-
-def adapter_name(version: int) -> str:
-    """The adapter name for a policy version: ``policy-v{version}``."""
-    if version < 0:
-        raise ValueError(f"policy versions are >= 0, got {version}")
-    return f"{ADAPTER_NAME_PREFIX}{version}"
-
-
-def adapter_version(name: str) -> int | None:
-    """The policy version an adapter name encodes (``policy-v7`` -> 7), or None for other names."""
-    suffix = name.removeprefix(ADAPTER_NAME_PREFIX)
-    if suffix == name or not suffix.isdigit():
-        return None
-    return int(suffix)
-
-
 @runtime_checkable
 class WeightSync(Protocol):
-    """What the learner calls to publish new weights to an engine (SGLang's weight-sync endpoints).
+    """What the learner's publisher calls to put new weights into an engine (SGLang's weight-sync
+    endpoints).
 
-    Versions: an adapter named ``policy-v{N}`` has version N (otherwise the one passed, or the
-    engine's latest version + 1); ``update_weights_from_disk`` gives the base weights a new version.
-    A completion reports the version of the adapter it used, or of the base weights when it used none.
+    Versions travel explicitly: the caller says which policy version an adapter or a checkpoint
+    holds, and a completion reports the version of the adapter it used (or of the base weights when
+    it used none). An engine never derives a version from a name.
     """
 
     @property
@@ -157,16 +141,16 @@ class WeightSync(Protocol):
         """The highest version published so far (base weights or any adapter; never decreases)."""
         ...
 
-    async def load_adapter(self, name: str, path: str, *, version: int | None = None) -> int:
-        """Load a LoRA adapter from ``path`` under ``name``; returns its policy version."""
+    async def load_adapter(self, name: str, path: str, *, version: int) -> None:
+        """Load the LoRA adapter folder ``path`` (peft layout) under ``name``, holding policy ``version``."""
         ...
 
     async def unload_adapter(self, name: str) -> None:
         """Unload a LoRA adapter."""
         ...
 
-    async def update_weights_from_disk(self, path: str, *, version: int | None = None) -> int:
-        """Replace the base weights with the checkpoint at ``path``; returns their new version."""
+    async def update_weights_from_disk(self, path: str, *, version: int) -> None:
+        """Replace the base weights with the checkpoint at ``path``, holding policy ``version``."""
         ...
 
     async def flush_cache(self) -> None:

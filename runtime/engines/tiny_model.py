@@ -102,7 +102,7 @@ def default_tiny_model_dir() -> Path:
     override = os.environ.get("ENVTUNE_TINY_MODEL_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / ".cache" / "tiny-model"
+    return Path(__file__).resolve().parents[2] / ".cache" / "tiny-model"
 
 
 def _corpus() -> Iterator[str]:

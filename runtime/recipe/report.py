@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from envtune.runtime.run_folder import RunFolder
+from envtune.runtime.recipe.run_folder import RunFolder
 
 log = structlog.get_logger(__name__)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from envtune.environments.episode import EpisodeStateError
 from envtune.environments.tool_calls import FormatError, parse_reply
 from envtune.environments.types import (
     CallOutcome,
@@ -33,10 +34,6 @@ TOY_TOOLS: tuple[str, ...] = ("cd", "ls", "mv", "sort")
 
 _PHRASINGS: tuple[str, ...] = ("Call {name}.", "Use {name}.", "Run {name} now.")
 """User messages; ``{name}`` is the tool to call."""
-
-
-class EpisodeOverError(RuntimeError):
-    """``step`` after the episode ended, or before ``start``."""
 
 
 def toy_function_docs(names: Sequence[str] = TOY_TOOLS) -> tuple[FunctionDoc, ...]:
@@ -93,7 +90,7 @@ class NamedToolEpisode:
 
     def step(self, reply: str | bytes) -> StepResult:
         if not self._started or self.done:
-            raise EpisodeOverError("step() needs a started episode that is not over")
+            raise EpisodeStateError("step() needs a started episode that is not over")
         try:
             parsed = parse_reply(reply, require_think=self._require_think)
         except FormatError as exc:

@@ -1,11 +1,11 @@
 """Publishing the learner's adapter to the inference engines, version by version.
 
 After a learner step the adapter is written atomically to ``<root>/v{N}/`` (a temporary folder,
-then ``os.replace``), loaded into every engine under the name ``policy-v{N}`` (SGLang's
-``/load_lora_adapter``; requests then name it in ``lora_path``), and becomes *current*: new
-requests take it via ``acquire``/``use``. An older version is unloaded (and its folder removed)
-once it is no longer current and no request holds it. Versioned names mean a request never runs on
-an adapter that changed under it, and an engine never has to guess which weights a name means.
+then ``os.replace``), loaded into every engine under the name ``policy-v{N}`` with its version passed
+explicitly (SGLang's ``/load_lora_adapter``; requests then name it in ``lora_path``), and becomes
+*current*: new requests take it via ``acquire``/``use``. An older version is unloaded (and its
+folder removed) once it is no longer current and no request holds it. Versioned names mean a request
+never runs on an adapter that changed under it.
 
 Deliberately left out: pausing generation around a swap (the engines decide), in-memory transfer.
 """
@@ -20,24 +20,19 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import structlog
+from envtune.agents.engine import WeightSync
 
 log = structlog.get_logger(__name__)
 
 
-@runtime_checkable
-class WeightSyncTarget(Protocol):
-    """An engine that can hold several named LoRA adapters (embedded engine, SGLang client)."""
-
-    async def load_adapter(self, name: str, path: str) -> None:
-        """Load the adapter folder ``path`` (peft layout) under ``name``; raise on failure."""
-        ...
-
-    async def unload_adapter(self, name: str) -> None:
-        """Forget the adapter ``name``; in-flight requests that use it are the caller's concern."""
-        ...
+def adapter_name(version: int) -> str:
+    """The name engines know policy ``version``'s adapter by: ``policy-v{version}``."""
+    if version < 0:
+        raise ValueError(f"policy versions are >= 0, got {version}")
+    return f"policy-v{version}"
 
 
 class AdapterSource(Protocol):
@@ -86,14 +81,12 @@ class AdapterPublisher:
     def __init__(
         self,
         root: Path,
-        targets: Sequence[WeightSyncTarget],
+        targets: Sequence[WeightSync],
         *,
-        name_prefix: str = "policy",
         keep_files: bool = False,
     ) -> None:
         self._root = Path(root)
         self._targets = tuple(targets)
-        self._prefix = name_prefix
         self._keep_files = keep_files
         self._current: PublishedAdapter | None = None
         self._loaded: dict[int, PublishedAdapter] = {}
@@ -106,9 +99,6 @@ class AdapterPublisher:
     def current(self) -> PublishedAdapter | None:
         return self._current
 
-    def name_for(self, version: int) -> str:
-        return f"{self._prefix}-v{version}"
-
     async def publish(self, source: AdapterSource) -> PublishedAdapter:
         """Write the source's adapter, load it everywhere, make it current, retire unused versions.
 
@@ -118,11 +108,11 @@ class AdapterPublisher:
             version, path = await asyncio.to_thread(self._write_atomic, source)
             if self._current is not None and version == self._current.version:
                 return self._current
-            adapter = PublishedAdapter(version=version, name=self.name_for(version), path=path)
-            loaded: list[WeightSyncTarget] = []
+            adapter = PublishedAdapter(version=version, name=adapter_name(version), path=path)
+            loaded: list[WeightSync] = []
             try:
                 for target in self._targets:
-                    await target.load_adapter(adapter.name, str(adapter.path))
+                    await target.load_adapter(adapter.name, str(adapter.path), version=version)
                     loaded.append(target)
             except Exception as exc:
                 for target in loaded:
@@ -193,7 +183,7 @@ class AdapterPublisher:
             await asyncio.to_thread(shutil.rmtree, adapter.path, True)
         log.info("adapter_unloaded", version=version, name=adapter.name)
 
-    async def _unload_quietly(self, target: WeightSyncTarget, name: str) -> None:
+    async def _unload_quietly(self, target: WeightSync, name: str) -> None:
         # A failed unload leaks engine memory but must not fail the rollout that released it.
         try:
             await target.unload_adapter(name)

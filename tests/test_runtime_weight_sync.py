@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from envtune.agents.engine import WeightSync
 from envtune.agents.trajectory import Trajectory
-from envtune.optim import (
-    AdapterPublisher,
-    Learner,
-    LearnerConfig,
-    LoraSettings,
-    WeightSyncError,
-    WeightSyncTarget,
-)
+from envtune.optim.config import LearnerConfig, LoraSettings
+from envtune.optim.learner import Learner
+from envtune.runtime.weight_sync import AdapterPublisher, WeightSyncError
 from peft import PeftModel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -27,17 +23,30 @@ class FakeEngine:
         self.loaded: dict[str, str] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_on = fail_on
+        self.versions: dict[str, int] = {}
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    @property
+    def policy_version(self) -> int:
+        return max(self.versions.values(), default=0)
+
+    async def load_adapter(self, name: str, path: str, *, version: int) -> None:
         self.calls.append(("load", name))
         if name == self.fail_on:
             raise RuntimeError("engine says no")
-        assert (Path(path) / "adapter_model.safetensors").read_text() == name.removeprefix("policy-v")
+        # The version travels explicitly and matches what the folder holds.
+        assert (Path(path) / "adapter_model.safetensors").read_text() == str(version)
         self.loaded[name] = path
+        self.versions[name] = version
 
     async def unload_adapter(self, name: str) -> None:
         self.calls.append(("unload", name))
         del self.loaded[name]
+
+    async def update_weights_from_disk(self, path: str, *, version: int) -> None:
+        raise NotImplementedError
+
+    async def flush_cache(self) -> None:
+        pass
 
 
 class FakeSource:
@@ -53,7 +62,7 @@ class FakeSource:
 
 async def test_publish_loads_versioned_names_and_retires_unused(tmp_path: Path) -> None:
     engines = [FakeEngine(), FakeEngine()]
-    assert all(isinstance(e, WeightSyncTarget) for e in engines)
+    assert all(isinstance(e, WeightSync) for e in engines)
     pub = AdapterPublisher(tmp_path, engines)
     source = FakeSource()
     assert pub.acquire() is None  # nothing published: requests use the base model
@@ -149,7 +158,7 @@ class PeftEngine:
         self.base_factory = base_factory
         self.models: dict[str, torch.nn.Module] = {}
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, path: str, *, version: int) -> None:
         self.models[name] = PeftModel.from_pretrained(self.base_factory(), path).eval()
 
     async def unload_adapter(self, name: str) -> None:

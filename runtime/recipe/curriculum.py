@@ -1,7 +1,8 @@
-"""The curriculum scheduler: which task to roll out next, and when a stage ends (paper.md §2).
+"""The curriculum scheduler: which task to roll out next, and when a stage ends (docs/method.md §2).
 
-``CurriculumScheduler`` is the rollout's task source. ``next_task()`` hands out a ``CurriculumTask``
-tagged with the *current* stage's conditions (reward, feedback, prompt, constraint); groups come
+``CurriculumScheduler.next_task()`` hands out a ``CurriculumTask`` (``episodes.CurriculumTaskSource``
+serves it to the rollout) tagged with the *current* stage's conditions (reward, episode config,
+constraint); groups come
 back through ``record_group()`` (zero-variance groups are counted per stage and dropped or kept by
 config); each learner step ends with ``end_step()``, which adds the stage's own train metrics to
 the step metrics, feeds the promotion rule's window and returns a ``Promotion`` when the rule
@@ -24,14 +25,16 @@ import random
 import statistics
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import structlog
+from envtune.agents.trajectory import Trajectory
+from envtune.environments.episode import EpisodeConfig
 from envtune.environments.tasks import Split, Task, load_split, load_tasks
-from envtune.environments.types import FeedbackMode, PromptStyle
-from envtune.runtime.config import CurriculumConfig, RewardKind, StageConfig
-from envtune.runtime.rollout import TaskSpec
+from envtune.environments.types import RewardKind
+from envtune.optim.advantages import is_zero_variance
+from envtune.runtime.recipe.config import CurriculumConfig, StageConfig
 
 log = structlog.get_logger(__name__)
 
@@ -48,30 +51,26 @@ class CurriculumFinished(CurriculumError):
 
 
 @dataclass(frozen=True, slots=True)
-class CurriculumTask(TaskSpec):
-    """A rollout ``TaskSpec`` with the conditions of the stage it was dispatched in.
+class CurriculumTask:
+    """A task spec with the conditions of the stage it was dispatched in.
 
-    It *is* a ``TaskSpec`` (``task_id``, ``stage`` from 1), so the rollout carries it to the episode
-    runner unchanged; an episode reads its conditions from here, never from the scheduler's
-    current stage, which is how in-flight episodes finish under the stage they started in.
+    The rollout carries it to the episode runner unchanged; an episode reads its conditions from
+    here, never from the scheduler's current stage, which is how in-flight episodes finish under
+    the stage they started in.
     """
 
-    stage_name: str = ""
+    task_id: str
+    """BFCL task id."""
+    stage: int
+    """Stage the task was dispatched in (from 1)."""
+    stage_name: str
     """The stage's name."""
-    reward: RewardKind = RewardKind.PROGRESS
+    reward: RewardKind
     """Which reward the episodes train on."""
-    feedback: FeedbackMode = FeedbackMode.STANDARD
-    """Tool feedback mode of the episodes."""
-    prompt_style: PromptStyle = PromptStyle.BASIC
-    """System prompt of the episodes."""
-    constrained: bool = False
+    episode: EpisodeConfig
+    """How the environment talks to the model (feedback, prompt, replies per turn)."""
+    constrained: bool
     """Grammar-constrained decoding on or off."""
-    max_steps_per_turn: int = 6
-    """Model replies allowed per user turn."""
-    dispatch_index: int = -1
-    """Running number of this dispatch (unique within a run; -1 for validation)."""
-    validation: bool = False
-    """True for a held-out validation episode (greedy, not trained on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +91,8 @@ class GroupOutcome:
     """R_tool of each episode (empty when unknown)."""
 
     @classmethod
-    def from_trajectories(cls, trajectories: Sequence[Any]) -> GroupOutcome:
-        """From ``agents.Trajectory`` records of one group (duck-typed to keep imports one-way)."""
+    def from_trajectories(cls, trajectories: Sequence[Trajectory]) -> GroupOutcome:
+        """From the trajectories of one group."""
         if not trajectories:
             raise ValueError("a group has at least one trajectory")
         first = trajectories[0]
@@ -108,8 +107,9 @@ class GroupOutcome:
 
     @property
     def zero_variance(self) -> bool:
-        """All rewards equal: GRPO advantages are all zero, no policy-gradient signal."""
-        return all(math.isclose(r, self.rewards[0], abs_tol=1e-9) for r in self.rewards)
+        """All rewards equal: GRPO advantages are all zero, no policy-gradient signal (the learner's
+        own test, so both sides agree on which groups carry none)."""
+        return is_zero_variance(self.rewards)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,11 +310,8 @@ class CurriculumScheduler:
             stage=self.stage,
             stage_name=stage.name,
             reward=stage.reward,
-            feedback=stage.feedback,
-            prompt_style=stage.prompt_style,
+            episode=stage.episode,
             constrained=stage.constrained,
-            max_steps_per_turn=stage.max_steps_per_turn,
-            dispatch_index=self._dispatched,
         )
         self._dispatched += 1
         return spec
@@ -354,12 +351,12 @@ class CurriculumScheduler:
                 stage=index + 1,
                 stage_name=stage.name,
                 reward=RewardKind.PROGRESS,
-                feedback=self.config.validation_feedback,
-                prompt_style=stage.prompt_style,
+                episode=replace(
+                    stage.episode,
+                    feedback=self.config.validation_feedback,
+                    max_steps_per_turn=self.config.validation_max_steps_per_turn,
+                ),
                 constrained=stage.constrained,
-                max_steps_per_turn=self.config.validation_max_steps_per_turn,
-                dispatch_index=-1,
-                validation=True,
             )
             for task_id in self._validation_ids
         )

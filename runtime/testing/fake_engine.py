@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from envtune.runtime.engines.base import Completion, EngineError, FinishReason, GenerateRequest
+from envtune.agents.engine import Completion, EngineError, FinishReason, GenerateRequest
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ class LatencyModel:
 
 
 @dataclass(frozen=True, slots=True)
-class EngineStatistics:
+class LatencyEngineStatistics:
     """A snapshot of a ``LatencyModelEngine``."""
 
     calls: int
@@ -137,8 +137,8 @@ class LatencyModelEngine:
     async def close(self) -> None:
         self._closed = True
 
-    def statistics(self) -> EngineStatistics:
-        return EngineStatistics(
+    def statistics(self) -> LatencyEngineStatistics:
+        return LatencyEngineStatistics(
             calls=self._calls,
             generated_tokens=self._tokens,
             in_flight=self._in_flight,

@@ -1,0 +1,108 @@
+"""``envtune-serve``: the embedded engine behind SGLang's native HTTP API (CPU, or CUDA when present).
+
+    envtune-serve                                   # the tiny local model on 127.0.0.1:30000
+    envtune-serve --model /models/Qwen2.5-0.5B-Instruct --set server.port=31000
+    ENVTUNE_API_KEY=secret envtune-serve --set server.adapters=policy=runs/x/adapters/v3
+
+The config is ``ServeConfig`` (``--list-keys`` lists every key). The API key is read from the
+environment variable named by ``server.api_key_env``, never from the command line. Stops cleanly on
+SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from envtune.runtime.logs import configure_logging
+from envtune.runtime.recipe import config_io
+from envtune.runtime.recipe.config import ConfigError, ServeConfig
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """``envtune-serve``'s command line."""
+    parser = argparse.ArgumentParser(
+        prog="envtune-serve",
+        description="Serve a model with SGLang's native HTTP API (CPU, or CUDA when present).",
+    )
+    parser.add_argument("config", nargs="?", help="TOML config (ServeConfig; default: all defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set server.port=31000 (see --list-keys)",
+    )
+    parser.add_argument("--model", help="model folder (model.path; default: the tiny local model)")
+    parser.add_argument("--port", type=int, help="port (server.port)")
+    parser.add_argument("--list-keys", action="store_true", help="list every config key and exit")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> ServeConfig:
+    overrides: list[str] = []
+    if args.model:
+        overrides.append(f"model.path={args.model}")
+    if args.port is not None:
+        overrides.append(f"server.port={args.port}")
+    path = Path(args.config) if args.config else None
+    return config_io.load(ServeConfig, path, [*overrides, *args.overrides])
+
+
+async def serve(config: ServeConfig, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set."""
+    from envtune.runtime.cli.engine_stack import resolve_model_path
+    from envtune.runtime.engines.embedded import EmbeddedEngine
+    from envtune.runtime.engines.sglang_server import SGLangProtocolServer
+
+    model_path = await resolve_model_path(config.model)
+    engine = await EmbeddedEngine.open(model_path, config.engine)
+    try:
+        for version, spec in enumerate(config.server.adapters, start=1):
+            name, _, path = spec.partition("=")
+            await engine.load_adapter(name, path, version=version)
+        api_key = os.environ.get(config.server.api_key_env) or None
+        server = SGLangProtocolServer(engine, api_key=api_key)
+        await server.start(config.server.host, config.server.port)
+        print(f"envtune-serve listening on {server.url}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
+    finally:
+        await engine.close()
+
+
+async def _serve_until_signal(config: ServeConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await serve(config, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``envtune-serve``."""
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.list_keys:
+        for key, type_name, doc in config_io.describe_keys(ServeConfig):
+            print(f"{key}  ({type_name})\n    {' '.join(doc.split())}")
+        return
+    try:
+        config = resolve_config(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    configure_logging(config.logging.format, config.logging.level)
+    asyncio.run(_serve_until_signal(config))
+
+
+if __name__ == "__main__":
+    main()

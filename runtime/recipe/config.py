@@ -1,0 +1,478 @@
+"""The typed configs of envtune's entry points: ``Config`` (``envtune-run``), ``EvalConfig``
+(``envtune-eval``) and ``ServeConfig`` (``envtune-serve``).
+
+Each is a tree of frozen dataclasses with a default and a docstring per field, and each component
+takes its own section unchanged: ``sampling`` is ``agents.SamplingConfig``, ``rollout`` is
+``runtime.rollout.RolloutConfig``, ``learner`` is ``optim.LearnerConfig``, a stage's ``episode`` is
+``environments.EpisodeConfig``, ``engine.embedded``/``engine.sglang`` are the engines' settings. So
+every knob is declared once. The dataclass defaults ARE the paper preset (docs/method.md §2, §6;
+deviations are said at the field); ``presets/paper.toml`` is generated from them
+(``python -m envtune.runtime.recipe.config --write-default``) and a test keeps the two equal. The CPU
+preset (``presets/cpu.toml``) is a partial TOML laid over the same defaults. Reading, overriding and
+writing TOML is ``config_io``'s job.
+
+Left out on purpose: anything that runs. Importing this module loads no torch, transformers,
+xgrammar or aiohttp.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from envtune.agents.config import SamplingConfig
+from envtune.environments.episode import EVAL_MAX_STEPS_PER_TURN, EpisodeConfig
+from envtune.environments.tasks import CATEGORIES
+from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
+from envtune.optim.config import LearnerConfig
+from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
+from envtune.runtime.recipe import config_io
+from envtune.runtime.recipe.config_io import ConfigError
+from envtune.runtime.rollout import RolloutConfig
+
+PRESETS = Path(__file__).parent / "presets"
+PAPER_PRESET = PRESETS / "paper.toml"
+"""The shipped paper preset (generated from the dataclass defaults)."""
+CPU_PRESET = PRESETS / "cpu.toml"
+"""The CPU preset used by ``envtune-run`` with no arguments (a partial TOML over the defaults)."""
+
+
+# --- shared sections ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Which policy model."""
+
+    path: str = ""
+    """Hugging Face folder of the policy model; empty builds the tiny local model (CPU default)."""
+    tiny_model_dir: str = ""
+    """Where the tiny model is built or reused when ``path`` is empty; empty = ``.cache/tiny-model``."""
+    tiny_seed: int = 0
+    """Seed of the tiny model's random weights."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchConfig:
+    """An SGLang server started by envtune (``engine.kind = "launch"``)."""
+
+    port: int = 30000
+    """Port of the launched server."""
+    extra_args: tuple[str, ...] = ()
+    """Extra ``sglang.launch_server`` arguments, e.g. ``["--tp-size", "2"]``."""
+    timeout_s: float = 900.0
+    """How long to wait for the launched server to report healthy."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Where tokens are sampled."""
+
+    kind: Literal["embedded", "sglang", "launch"] = "embedded"
+    """``embedded``: the in-process engine behind envtune's SGLang-protocol server on 127.0.0.1
+    (the client talks to it over real HTTP); ``sglang``: running SGLang servers at
+    ``engine.sglang.urls``; ``launch``: start one with ``python -m sglang.launch_server``."""
+    embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
+    """The embedded engine (kind ``embedded``)."""
+    sglang: SGLangClientConfig = field(default_factory=SGLangClientConfig)
+    """The SGLang client (every kind talks through it; ``urls`` is set for kind ``sglang``)."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """The launched server (kind ``launch``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Log output (metrics go to the run folder, not the log)."""
+
+    format: Literal["console", "json"] = "console"
+    """Renderer of log events on stderr."""
+    level: str = "info"
+    """Minimum log level."""
+
+
+# --- the curriculum -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionConfig:
+    """When a stage ends: a metric's window mean passes a threshold, or a step budget runs out."""
+
+    metric: str = ""
+    """Metric name (a key of the step metrics, e.g. ``train/format_reward``,
+    ``validation/progress``, ``train/zero_variance_share``); empty = budget only."""
+    window: int = 5
+    """How many most recent values of ``metric`` (within the stage) the mean is taken over."""
+    threshold: float = 0.0
+    """The window mean must reach this value (compared with ``comparison``)."""
+    comparison: Literal[">=", "<="] = ">="
+    """``>=``: promote when the mean is at least ``threshold``; ``<=``: at most."""
+    min_steps: int = 0
+    """Learner steps the stage runs before the metric rule may fire."""
+    max_steps: int = 100
+    """Step budget: promote after this many learner steps in the stage at the latest; 0 = no
+    budget (then ``metric`` alone ends the stage)."""
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.max_steps < 0 or self.min_steps < 0:
+            raise ValueError("promotion needs window >= 1, min_steps >= 0, max_steps >= 0")
+        if not self.metric and self.max_steps <= 0:
+            raise ValueError("promotion needs a metric or a max_steps budget, or the stage never ends")
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    """One curriculum stage (docs/method.md §2)."""
+
+    name: str
+    """Short name, used in logs, metrics and ``--set curriculum.stages.<name>...``."""
+    reward: RewardKind = RewardKind.PROGRESS
+    """Which reward the stage trains on: ``stage1`` (the syntax reward) or ``progress``."""
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    """How the environment talks to the model: feedback (augmented or standard), system prompt
+    (basic or resourceful), replies per user turn (6 in the release's training)."""
+    data: Literal["train", "train_minus_validation"] = "train_minus_validation"
+    """Split part the tasks come from; the test part is refused, and ``train`` includes the
+    validation ids (their validation metrics then stop being held out)."""
+    categories: tuple[str, ...] = CATEGORIES
+    """BFCL categories of the stage's tasks."""
+    max_tasks: int = 0
+    """Keep at most this many tasks (0 = all), picked by ``selection``."""
+    selection: Literal["random", "easiest"] = "random"
+    """Which tasks ``max_tasks`` keeps: a seeded random subset, or the fewest ground-truth calls."""
+    constrained: bool = False
+    """Grammar-constrained decoding of the reply format."""
+    zero_variance: Literal["drop", "keep"] = "drop"
+    """A group whose rewards are all equal has all-zero GRPO advantages: ``drop`` it (envtune's
+    default; it would only add KL and entropy terms) or ``keep`` it (the release keeps every group)."""
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    """When the stage ends."""
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name.isdigit() or self.name == "*":
+            raise ValueError(f"stage name must be a non-numeric word, got {self.name!r}")
+        unknown = set(self.categories) - set(CATEGORIES)
+        if unknown or not self.categories:
+            raise ValueError(f"categories {sorted(unknown) or 'empty'}; valid: {list(CATEGORIES)}")
+        if self.max_tasks < 0:
+            raise ValueError(f"max_tasks must be >= 0, got {self.max_tasks}")
+
+
+PAPER_STAGES: tuple[StageConfig, ...] = (
+    StageConfig(
+        name="syntax",
+        reward=RewardKind.STAGE1,
+        episode=EpisodeConfig(feedback=FeedbackMode.STANDARD, prompt_style=PromptStyle.BASIC),
+        categories=("base",),
+        max_tasks=75,
+        selection="easiest",
+        promotion=PromotionConfig(metric="train/format_reward", window=5, threshold=0.95, max_steps=80),
+    ),
+    StageConfig(
+        name="hints",
+        reward=RewardKind.PROGRESS,
+        episode=EpisodeConfig(feedback=FeedbackMode.AUGMENTED, prompt_style=PromptStyle.BASIC),
+        categories=("base",),
+        promotion=PromotionConfig(metric="validation/progress", window=3, threshold=0.6, max_steps=80),
+    ),
+    StageConfig(
+        name="hard",
+        reward=RewardKind.PROGRESS,
+        episode=EpisodeConfig(feedback=FeedbackMode.AUGMENTED, prompt_style=PromptStyle.RESOURCEFUL),
+        promotion=PromotionConfig(metric="validation/progress", window=3, threshold=0.5, max_steps=240),
+    ),
+    StageConfig(
+        name="independent",
+        reward=RewardKind.PROGRESS,
+        episode=EpisodeConfig(feedback=FeedbackMode.STANDARD, prompt_style=PromptStyle.RESOURCEFUL),
+        promotion=PromotionConfig(max_steps=120),
+    ),
+)
+"""The paper's four stages (docs/method.md §2): syntax on a small easy base subset with standard
+feedback, base with hints, all four categories with hints and the resourceful prompt, then all four
+with standard feedback. Step budgets follow the release (about 80 / 60-80 / 240 steps; stage 4 has
+none published, 120 is envtune's choice); the thresholds replace the paper's manual 'validation
+plateaued' call and are envtune's choice. Constrained decoding is off in every stage: the paper
+samples unconstrained, stage 1 exists to *learn* the format (a grammar would saturate R_format and
+leave no signal), and evaluation is unconstrained."""
+
+
+@dataclass(frozen=True, slots=True)
+class CurriculumConfig:
+    """The stage sequence and the held-out validation that promotion rules may look at."""
+
+    stages: tuple[StageConfig, ...] = PAPER_STAGES
+    """The stages, in order (numbered from 1)."""
+    validation_every: int = 5
+    """Run validation every this many learner steps (0 = never)."""
+    validation_limit: int = 0
+    """Validate on at most this many of the 40 validation tasks (0 = all)."""
+    validation_feedback: FeedbackMode = FeedbackMode.STANDARD
+    """Feedback during validation: standard, the evaluation condition."""
+    validation_max_steps_per_turn: int = EVAL_MAX_STEPS_PER_TURN
+    """Replies per user turn during validation (BFCL's evaluation limit)."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("at least one stage is needed")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        if self.validation_every < 0 or self.validation_limit < 0:
+            raise ValueError("validation_every and validation_limit must be >= 0")
+        if self.validation_max_steps_per_turn < 1:
+            raise ValueError("validation_max_steps_per_turn must be >= 1")
+
+
+# --- envtune-run ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """The run folder, checkpoints and the overall budget."""
+
+    out_dir: str = "runs"
+    """Parent folder of run folders (``<out_dir>/<timestamp>-<name>/``)."""
+    name: str = "envtune"
+    """Run name (the folder's suffix)."""
+    seed: int = 0
+    """Seed of task order, sampling and the learner."""
+    max_steps: int = 0
+    """Global cap on learner steps (0 = until the last stage ends)."""
+    checkpoint_every: int = 5
+    """Checkpoint every this many learner steps (and always at the end or on Ctrl-C)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept on disk (older ones are deleted)."""
+    sample_trajectories_every: int = 1
+    """Write decoded sample trajectories every this many learner steps (0 = never)."""
+    sample_trajectories_count: int = 2
+    """Trajectories written per sampled step."""
+    progress_bar: bool = True
+    """Show a progress line on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 0 or self.checkpoint_every < 0 or self.sample_trajectories_every < 0:
+            raise ValueError("max_steps, checkpoint_every and sample_trajectories_every must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """Values computed once from the rest of the config."""
+
+    episodes_per_step: int
+    """group_size * groups_per_step."""
+    total_step_budget: int
+    """Sum of the stage budgets (0 when some stage has none), capped by ``run.max_steps``."""
+    num_stages: int
+    """len(curriculum.stages)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything an ``envtune-run`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The inference backend."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Sampling of training rollouts (verl's defaults; the release sets none) and episode length caps."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Rollout production: GRPO groups, concurrency, the staleness bound."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The learner: optimiser, loss, advantages, LoRA adapter."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """The curriculum."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """The run folder and budget."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    derived: Derived = field(init=False, repr=False, compare=False)
+    """Computed in ``__post_init__``; never read from or written to TOML."""
+
+    def __post_init__(self) -> None:
+        _validate_run(self)
+        budgets = [s.promotion.max_steps for s in self.curriculum.stages]
+        total = sum(budgets) if all(budgets) else 0
+        if self.run.max_steps:
+            total = min(total, self.run.max_steps) if total else self.run.max_steps
+        object.__setattr__(
+            self,
+            "derived",
+            Derived(
+                episodes_per_step=self.rollout.group_size * self.rollout.groups_per_step,
+                total_step_budget=total,
+                num_stages=len(self.curriculum.stages),
+            ),
+        )
+
+
+def _validate_engine(model: ModelConfig, engine: EngineConfig) -> None:
+    if engine.kind == "sglang" and not engine.sglang.urls:
+        raise ConfigError("engine.kind = 'sglang' needs engine.sglang.urls")
+    if engine.kind != "embedded" and not model.path:
+        raise ConfigError(f"engine.kind = {engine.kind!r} needs model.path")
+
+
+def _validate_run(config: Config) -> None:
+    """Cross-section checks (each section checks itself while parsing)."""
+    _validate_engine(config.model, config.engine)
+    sampling = config.sampling
+    if sampling.temperature <= 0 or sampling.top_p < 1 or sampling.top_k > 0:
+        # The learner recomputes logprobs of the full temperature-scaled distribution; a truncated
+        # or greedy sampler's behaviour logprobs would be of another policy.
+        raise ConfigError(
+            "sampling: training needs temperature > 0, top_p = 1 and top_k = -1 (the learner cannot "
+            f"recompute truncated or greedy logprobs); got temperature={sampling.temperature}, "
+            f"top_p={sampling.top_p}, top_k={sampling.top_k}. Evaluation (envtune-eval) may use them."
+        )
+
+
+# --- envtune-eval ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EvalTasksConfig:
+    """Which tasks ``envtune-eval`` runs."""
+
+    split: Literal["test", "validation", "train", "train_minus_validation"] = "test"
+    """Part of the committed split (BFCL's held-in test half by default)."""
+    categories: tuple[str, ...] = CATEGORIES
+    """BFCL categories."""
+    limit: int = 0
+    """At most this many tasks per category (0 = all)."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.categories) - set(CATEGORIES)
+        if unknown or not self.categories:
+            raise ValueError(f"categories {sorted(unknown) or 'empty'}; valid: {list(CATEGORIES)}")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+
+
+@dataclass(frozen=True, slots=True)
+class EvalConditions:
+    """Conditions of an evaluation (BFCL's by default)."""
+
+    episode: EpisodeConfig = field(
+        default_factory=lambda: EpisodeConfig(
+            feedback=FeedbackMode.STANDARD,
+            prompt_style=PromptStyle.RESOURCEFUL,
+            max_steps_per_turn=EVAL_MAX_STEPS_PER_TURN,
+        )
+    )
+    """Standard feedback, the final stage's prompt, BFCL's 20 replies per turn."""
+    constrained: bool = False
+    """Grammar-constrained decoding (off: BFCL evaluates free generation)."""
+    concurrency: int = 32
+    """Episodes run at once."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+@dataclass(frozen=True, slots=True)
+class EvalConfig:
+    """Everything an ``envtune-eval`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model evaluated."""
+    adapter: str = ""
+    """A LoRA adapter folder (peft layout) to evaluate on top of the model; empty = the base model."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The inference backend."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    """Sampling: greedy by default, as BFCL evaluates."""
+    tasks: EvalTasksConfig = field(default_factory=EvalTasksConfig)
+    """Which tasks."""
+    conditions: EvalConditions = field(default_factory=EvalConditions)
+    """Under which conditions."""
+    output: str = ""
+    """Also write the JSON result to this file (empty: stdout only)."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+    def __post_init__(self) -> None:
+        _validate_engine(self.model, self.engine)
+
+
+# --- envtune-serve ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The HTTP server of ``envtune-serve``."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (loopback by default)."""
+    port: int = 30000
+    """Port (SGLang's default)."""
+    api_key_env: str = "ENVTUNE_API_KEY"
+    """Name of the environment variable holding the API key (never on the command line, where every
+    user of the machine can read it); when it is set, requests need ``Authorization: Bearer KEY``."""
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters to load at start, as ``NAME=PATH``."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for spec in self.adapters:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"adapters: expected NAME=PATH, got {spec!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """Everything an ``envtune-serve`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model served."""
+    engine: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
+    """The embedded engine."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The HTTP server."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+
+# --- files --------------------------------------------------------------------------------------------------
+
+
+def load_config(path: Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The run config of ``path`` (the paper defaults when None) with ``overrides`` applied."""
+    return config_io.load(Config, path, overrides)
+
+
+def dump_config(config: Config) -> str:
+    """The run config as commented TOML (round-trips exactly)."""
+    return config_io.dump_toml(
+        config,
+        "envtune-run config, generated from envtune/runtime/recipe/config.py. Every key is optional\n"
+        "(missing keys take these defaults, the paper preset). Override any key with --set a.b.c=value.",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - maintenance entry point
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write or check the shipped paper preset.")
+    parser.add_argument("--write-default", action="store_true", help=f"(re)write {PAPER_PRESET}")
+    args = parser.parse_args(argv)
+    text = dump_config(Config())
+    if args.write_default:
+        PAPER_PRESET.write_text(text, encoding="utf-8")
+        print(f"wrote {PAPER_PRESET}")
+    else:
+        current = PAPER_PRESET.read_text(encoding="utf-8") if PAPER_PRESET.exists() else ""
+        print("paper preset is up to date" if current == text else "paper preset is stale")
+        sys.exit(0 if current == text else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
