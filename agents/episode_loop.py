@@ -82,8 +82,7 @@ class _TokenBuffer:
     """The growing trajectory: ids with their mask, behaviour logprobs and policy versions.
 
     Plain lists on purpose: the finished ``Trajectory`` holds tuples of Python numbers, and request
-    tuples share the list's int objects. Typed arrays were measured (benchmarks/runtime_throughput.py)
-    to cost more memory and CPU at 10,000 concurrent episodes, since every conversion boxes anew.
+    tuples share the list's int objects (a typed array would box every number anew on conversion).
     """
 
     def __init__(self, prompt_ids: Sequence[int]) -> None:

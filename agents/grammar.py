@@ -1,7 +1,7 @@
 """The grammar of a well-formed reply, built from the tools visible in a turn.
 
 Constrained decoding (on or off per curriculum stage) lets the engine sample only replies of the
-paper's two formats (paper.md §4.1)::
+paper's two formats (docs/method.md §1.2)::
 
     <think>free text</think> then either <answer>free text</answer>
                              or <tool_call>[{"name": <visible name>, "arguments": {...}}, ...]</tool_call>

@@ -36,7 +36,7 @@ class Trajectory:
     turn_passed: tuple[bool, ...]
     """Per-turn verdicts (all turns of the task)."""
     step_codes: tuple[int, ...]
-    """Per-step codes (paper.md §3.3)."""
+    """Per-step codes (docs/method.md §3.1)."""
     stage: int
     """Curriculum stage the episode started in (1-4; 0 outside a curriculum)."""
     start_version: int

@@ -4,7 +4,7 @@ A trajectory here is, per user turn, a list of tool steps, each a list of calls.
 through an ``Episode`` (each step as a ``<tool_call>`` reply, then an ``<answer>``) and BFCL's
 checker judges the same calls in its pythonic form. BFCL's verdict is its ``multi_turn_checker``
 together with its ``multi_turn_irrelevance_checker`` (a turn with empty ground truth must not
-call: the package's runner has that line commented out, paper.md and envtune apply it).
+call: the package's runner has that line commented out, envtune applies it: docs/method.md §3.3).
 
 Perturbations only use functions visible at that turn: envtune makes hidden functions uncallable
 on purpose, while BFCL's executor would run any method of its instances.

@@ -1,4 +1,4 @@
-"""One BFCL multi-turn episode: the protocol of paper.md §4, scored turn by turn.
+"""One BFCL multi-turn episode: the protocol of docs/method.md §4, scored turn by turn.
 
 An ``Episode`` owns its tool instances, walks the task's user turns, executes the model's calls on
 its own instances through a whitelist, answers with standard or augmented feedback, and scores
@@ -200,7 +200,7 @@ class Episode:
 
     def _after_tool_call(self, turn: int, parsed: ParsedReply) -> StepResult:
         if not self._trace.turns[turn].calls_expected:
-            # paper.md §3.2: on a turn that must not call, the first call closes the turn unexecuted.
+            # docs/method.md §4.4: on a turn that must not call, the first call closes the turn unexecuted.
             return self._close_turn(turn, called_on_empty_turn=True, forced=False, extra=())
         outcomes = tuple(self._execute(call) for call in parsed.calls)
         self._calls_in_turn += len(outcomes)
@@ -251,7 +251,7 @@ class Episode:
         calls: tuple[CallOutcome, ...] = (),
         feedback: str | None = None,
     ) -> StepResult:
-        passed = self._judge_turn(turn, called_on_empty_turn=called_on_empty_turn)
+        passed = self._judge_turn(turn, called_on_empty_turn=called_on_empty_turn, forced=forced)
         self._turn_passed[turn] = passed
         code = StepCode.TURN_PASS if passed else StepCode.TURN_FAIL
         self._step_codes.append(code)
@@ -282,9 +282,9 @@ class Episode:
             error=error,
         )
 
-    def _judge_turn(self, turn: int, *, called_on_empty_turn: bool) -> bool:
+    def _judge_turn(self, turn: int, *, called_on_empty_turn: bool, forced: bool) -> bool:
         return self._scorer.judge(
-            turn, calls_in_turn=self._calls_in_turn, called_on_empty_turn=called_on_empty_turn
+            turn, calls_in_turn=self._calls_in_turn, called_on_empty_turn=called_on_empty_turn, forced=forced
         )
 
 

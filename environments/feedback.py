@@ -1,17 +1,17 @@
-"""Actionable hints layered over BFCL's own tool results (paper.md §5, the augmented environment).
+"""Actionable hints layered over BFCL's own tool results (docs/method.md §5).
 
-The official release edits the BFCL classes' error messages in place (§5.2), which makes the
-standard environment unreachable (§9.7). Here the classes stay untouched: the episode executes a call
+The official release edits the BFCL classes' error messages in place, which makes the
+standard environment unreachable (docs/method.md §8.7). Here the classes stay untouched: the episode executes a call
 on its own instance, renders BFCL's result string unchanged, and in augmented mode asks
 ``augment_result`` for an optional hint, which the tool message carries in a separate ``hint``
 field. A hint explains a constraint or names the tool that supplies a missing fact (the two goals
-of §5.1); it never states the answer (App. B's judge: no leakage, no over-constraint, actionable).
+of docs/method.md §5.1); it never states the answer, never over-constrains, and is actionable.
 Facts a hint quotes (directory contents, airports, currency pairs, door names, enum values) are read
 from the instance, its class, or the function docs the model sees, so hints stay true when the data
 changes.
 
 Deliberately left out: wording of the official release (ours is our own), LLM-written hints (the
-App. B pipeline is not released), and any state change: a rule only reads the instance or calls its
+the paper's generation pipeline is not released), and any state change: a rule only reads the instance or calls its
 pure lookups (``list_all_airports``, ``get_flight_cost``, ``compute_exchange_rate``, ...).
 
 This file is longer than most modules because it is one table, one rule per BFCL class; splitting it

@@ -1,8 +1,8 @@
 """Ground truth executed once per task: per-turn state snapshots and result strings.
 
-A rollout never re-executes ground truth (paper.md §9.3). The trace is computed by running the
+A rollout never re-executes ground truth (docs/method.md §8.3). The trace is computed by running the
 task's ground-truth calls turn by turn on private instances, and it always advances every turn, so
-a turn the model skips is still compared against the right state (paper.md §9.4).
+a turn the model skips is still compared against the right state (docs/method.md §8.4).
 """
 
 from __future__ import annotations

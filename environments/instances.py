@@ -89,7 +89,7 @@ def result_to_string(value: Any) -> str:
 
 
 def is_error_result(value: Any) -> bool:
-    """A returned ``{"error": ...}`` dict is a failed call, not a correct one (paper.md §9.8)."""
+    """A returned ``{"error": ...}`` dict is a failed call, not a correct one (docs/method.md §8.8)."""
     return isinstance(value, dict) and "error" in value
 
 

@@ -1,4 +1,4 @@
-"""The texts of the interaction protocol (paper.md §4), in envtune's own words.
+"""The texts of the interaction protocol (docs/method.md §4), in envtune's own words.
 
 System prompts for stages 1-2 (basic) and 3-4 (resourceful), the feedback message after a tool
 step, and the notices the environment injects: a forced turn end, revealed functions, a call on a

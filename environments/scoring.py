@@ -3,10 +3,11 @@
 A turn with ground truth passes when the model made at least one call in it, every involved
 instance's public state equals ground truth's after the turn, and ground truth's result strings of
 the turn are contained (as a multiset) in all of the model's results so far. A turn whose ground
-truth is empty passes only if the model answered without calling (paper.md §3.2).
+truth is empty passes only if the model answered without calling: a call, or a turn forced to end
+by format errors, fails it (docs/method.md §3.3).
 
 Ground truth is never executed here: the trace already holds each turn's state and results, and
-it advances every turn whether or not the model acted (paper.md §9.3, §9.4).
+it advances every turn whether or not the model acted (docs/method.md §8.3, §8.4).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ class TurnScorer:
         if class_name is not None:
             self._touched.add(class_name)
 
-    def judge(self, turn: int, *, calls_in_turn: int, called_on_empty_turn: bool) -> bool:
-        """Close ``turn`` and return its verdict."""
+    def judge(self, turn: int, *, calls_in_turn: int, called_on_empty_turn: bool, forced: bool) -> bool:
+        """Close ``turn`` and return its verdict (``forced``: the step limit ended it)."""
         truth = self._trace.turns[turn]
         states_equal = self._advance_equality(turn)
         if not truth.calls_expected:
-            return not called_on_empty_turn and calls_in_turn == 0
+            return not (called_on_empty_turn or forced) and calls_in_turn == 0
         if calls_in_turn == 0 or not states_equal:
             return False
         results = self._results

@@ -1,6 +1,6 @@
 """Parsing a model reply into tool calls, without ever running any of it.
 
-A reply has the paper's shape (paper.md §4.1/§4.2): ``<think>…</think>`` then either
+A reply has the paper's shape (docs/method.md §1.2): ``<think>…</think>`` then either
 ``<tool_call>[{"name": …, "arguments": {…}}, …]</tool_call>`` or ``<answer>…</answer>``. BFCL's own
 pythonic form ``[f(a=1), g(b='x')]`` (its ground truth, and what its checker consumes) is parsed by
 walking Python's AST and accepting literals only; nothing here calls ``eval``, ``exec`` or
@@ -174,7 +174,7 @@ def _json_type(value: object) -> str:
 
 
 def parse_reply(text: str | bytes, *, require_think: bool = True) -> ParsedReply:
-    """Apply the paper's format rules (§4.2, in its order) and parse the tool calls.
+    """Apply the paper's format rules (docs/method.md §1.2, in their order) and parse the tool calls.
 
     With ``require_think=False`` a missing think block is allowed, but one that is present must still be
     a single well-formed pair. The think block must come before the tool call or answer.

@@ -21,7 +21,8 @@ class Message:
     """``system`` (protocol and tools), ``user`` (a user turn or a protocol notice), ``tool``
     (feedback after a tool step), ``assistant`` (the model's own text)."""
     content: str
-    """The message text, already rendered (tool results are JSON-encoded once)."""
+    """The message text, already rendered (a tool message is one JSON object; each result inside it
+    is BFCL's own result string, so a dict result appears as escaped JSON text)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ class FeedbackMode(enum.StrEnum):
 
 
 class PromptStyle(enum.StrEnum):
-    """Which system prompt of paper.md §4.1 an episode uses."""
+    """Which system prompt (docs/method.md §4.1) an episode uses."""
 
     BASIC = "basic"
     """Stages 1-2: the two output formats and when to use each."""
@@ -76,14 +77,15 @@ class RewardKind(enum.StrEnum):
     PROGRESS = "progress"
     """R_P: passed turns over all turns of the task (stages 2-4)."""
     STAGE1 = "stage1"
-    """I_tool * (R_format + R_tool), the syntax reward of stage 1 (docs/method.md §3.1)."""
+    """I_tool * (R_format + R_tool), the syntax reward of stage 1 (docs/method.md §3.2)."""
 
 
 class StepCode(enum.IntEnum):
-    """Per-step integer codes, the same values as paper.md §3.3."""
+    """Per-step integer codes, the values of docs/method.md §3.1."""
 
     FORMAT_ERROR = -3
-    """The reply broke the output format (or named no callable function); the turn continues."""
+    """The reply broke the output format; the turn continues (a call to an unknown or hidden
+    function is a refused call, ``TOOL_ERROR``)."""
     TOOL_ERROR = -2
     """A tool step in which at least one call failed (exception, error dict, or invalid call)."""
     TOOL_OK = -1
@@ -116,7 +118,7 @@ class StepResult:
     """The environment's answer to one model reply."""
 
     code: StepCode
-    """The step code (paper.md §3.3)."""
+    """The step code (docs/method.md §3.1)."""
     observation: tuple[Message, ...]
     """Messages to append after the model's reply: feedback, notices, the next user turn."""
     turn_ended: bool
@@ -135,7 +137,7 @@ class StepResult:
 
 @dataclass(frozen=True, slots=True)
 class EpisodeScore:
-    """Rewards of a whole episode, as paper.md §3 defines them (with §9's fixes)."""
+    """Rewards of a whole episode, as docs/method.md §3 defines them (with the fixes of §8)."""
 
     turn_passed: tuple[bool, ...]
     """Pass/fail of every user turn of the task; unreached turns are False."""

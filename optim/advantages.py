@@ -1,4 +1,4 @@
-"""GRPO advantages: each episode's reward normalised within its group (docs/method.md §6).
+"""GRPO advantages: each episode's reward normalised within its group (docs/method.md §7.1).
 
 A = (R - mean_G) / (std_G + eps), with no critic. A group whose rewards are all equal carries no
 policy-gradient signal: its episodes get advantage 0 (still counted by the KL and entropy terms and

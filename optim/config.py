@@ -47,7 +47,7 @@ class Batching(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LossConfig:
-    """The clipped, off-policy-corrected policy-gradient loss (docs/method.md §6)."""
+    """The clipped, off-policy-corrected policy-gradient loss (docs/method.md §7.3-§7.5)."""
 
     clip_low: float = 0.2
     """PPO ratio lower clip: 1 - clip_low (epsilon_low)."""
@@ -125,7 +125,7 @@ class LoraSettings:
 
 @dataclass(frozen=True, slots=True)
 class LearnerConfig:
-    """The policy-gradient learner (docs/method.md §6; the release's values where it has one)."""
+    """The policy-gradient learner (docs/method.md §7; the release's values, §7.8)."""
 
     lr: float = 1e-5
     """AdamW learning rate, constant. The paper uses 1e-6 for full fine-tuning; LoRA conventionally

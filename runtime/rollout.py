@@ -311,8 +311,8 @@ class RolloutActor(Actor[RolloutMessage]):
                 await self._finalize(group)
         if self._episode_tasks:
             _, pending = await asyncio.wait(set(self._episode_tasks), timeout=self.config.drain_timeout_s)
-            for task in pending:
-                task.cancel()
+            for episode in pending:
+                episode.cancel()
             if pending:
                 await asyncio.wait(pending)
                 log.info("rollout.cancelled_in_flight", episodes=len(pending), reason=reason)
@@ -330,10 +330,10 @@ class RolloutActor(Actor[RolloutMessage]):
             while not self._gate.admits(self._version):
                 self._capacity_changed.clear()
                 await self._capacity_changed.wait()
-            task = await self._tasks.next_task()
-            if task is None:
+            spec = await self._tasks.next_task()
+            if spec is None:
                 break
-            group = _Group(f"{self.name}-{next(self._group_ids):07d}", task, self._version)
+            group = _Group(f"{self.name}-{next(self._group_ids):07d}", spec, self._version)
             self._gate.started += 1
             self._groups[group.group_id] = group
             self._open_group = group

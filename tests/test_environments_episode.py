@@ -151,8 +151,24 @@ def test_call_on_a_turn_that_must_not_call_closes_it_unexecuted_with_a_warning(e
     assert episode.score().turn_passed[empty_turn] is False
 
 
+def test_format_errors_until_the_forced_end_fail_a_turn_that_must_not_call(env: BfclEnvironment) -> None:
+    task = env.tasks["multi_turn_miss_param_0"]
+    empty_turn = next(i for i, turn in enumerate(task.ground_truth) if not turn)
+    episode = env.make_episode(task.id)
+    episode.start()
+    gt = ground_truth_calls(task)
+    for turn in range(empty_turn):
+        if gt[turn]:
+            episode.step(reply(*gt[turn]))
+        episode.step(ANSWER_REPLY)
+    codes = [episode.step("garbage").code for _ in range(episode.config.max_steps_per_turn)]
+    assert codes[:-1] == [StepCode.FORMAT_ERROR] * (len(codes) - 1)
+    assert codes[-1] is StepCode.TURN_FAIL
+    assert episode.score().turn_passed[empty_turn] is False
+
+
 def test_skipped_turn_is_not_over_rewarded_ground_truth_state_advances(env: BfclEnvironment) -> None:
-    """paper.md §9.4: skipping a turn must not shift ground truth for the turns after it."""
+    """docs/method.md §8.4: skipping a turn must not shift ground truth for the turns after it."""
     task = env.tasks["multi_turn_base_0"]
     gt = ground_truth_calls(task)
     episode = env.make_episode(task.id)

@@ -102,7 +102,7 @@ def failed(result: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# GorillaFileSystem: the catalogue rows of paper.md §5.2
+# GorillaFileSystem: the failures the official release augmented (docs/method.md §5.3)
 
 
 def test_cd_with_a_path_says_one_directory_at_a_time_on_a_real_task():

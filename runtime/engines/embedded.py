@@ -32,9 +32,8 @@ Per-episode prefix cache (``prefix_cache.py``): when a single-sample request wit
 after a cold prefill; a key's next request prefills only what follows the longest prefix it shares
 with one of the key's entries, under the same adapter and version (``Completion.cached_tokens`` says
 how many were reused). A key holds several entries because the episode loop keys requests by GRPO
-group: members interleave under one key (one entry per key made them evict each other, and
-concurrent episodes ran slower than sequential ones). Unloading an adapter drops its entries; new
-base weights and ``flush_cache`` empty it.
+group: members interleave under one key and must not evict each other. Unloading an adapter drops
+its entries; new base weights and ``flush_cache`` empty it.
 
 Left out: a general radix prefix cache across keys, stop strings, penalties.
 """

@@ -27,8 +27,8 @@ class EmbeddedEngineConfig:
     Memory: 2 KiB a token for the tiny model (256 MiB at the default), ~24 KiB for a 0.5B Qwen2."""
     torch_threads: int | None = 1
     """Intra-op threads of the engine's worker thread (OpenMP settings are per thread, so the rest of
-    the process keeps its own); None keeps torch's default. 1 is fastest for small models on few,
-    shared cores: with 2 threads on a busy 2-core machine OpenMP barriers made decoding 10-40x slower."""
+    the process keeps its own); ``none`` keeps torch's default. 1 is fastest for small models on few,
+    shared cores, where OpenMP barriers between threads dominate."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ Each is a tree of frozen dataclasses with a default and a docstring per field, a
 takes its own section unchanged: ``sampling`` is ``agents.SamplingConfig``, ``rollout`` is
 ``runtime.rollout.RolloutConfig``, ``learner`` is ``optim.LearnerConfig``, a stage's ``episode`` is
 ``environments.EpisodeConfig``, ``engine.embedded``/``engine.sglang`` are the engines' settings. So
-every knob is declared once. The dataclass defaults ARE the paper preset (docs/method.md §2, §6;
+every knob is declared once. The dataclass defaults ARE the paper preset (docs/method.md §2, §7.8;
 deviations are said at the field); ``presets/paper.toml`` is generated from them
 (``python -m envtune.runtime.recipe.config --write-default``) and a test keeps the two equal. The CPU
 preset (``presets/cpu.toml``) is a partial TOML laid over the same defaults. Reading, overriding and
