@@ -1,8 +1,8 @@
 """Actionable hints layered over BFCL's own tool results (docs/method.md §5).
 
-The official release edits the BFCL classes' error messages in place, which makes the
-standard environment unreachable (docs/method.md §8.7). Here the classes stay untouched: the episode executes a call
-on its own instance, renders BFCL's result string unchanged, and in augmented mode asks
+The official release edits the BFCL classes' error messages in place, which makes the standard
+environment unreachable (docs/method.md §8.7). Here the classes stay untouched: the episode executes
+a call on its own instance, renders BFCL's result string unchanged, and in augmented mode asks
 ``augment_result`` for an optional hint, which the tool message carries in a separate ``hint``
 field. A hint explains a constraint or names the tool that supplies a missing fact (the two goals
 of docs/method.md §5.1); it never states the answer, never over-constrains, and is actionable.
@@ -11,8 +11,8 @@ from the instance, its class, or the function docs the model sees, so hints stay
 changes.
 
 Deliberately left out: wording of the official release (ours is our own), LLM-written hints (the
-the paper's generation pipeline is not released), and any state change: a rule only reads the instance or calls its
-pure lookups (``list_all_airports``, ``get_flight_cost``, ``compute_exchange_rate``, ...).
+paper's generation pipeline is not released), and any state change: a rule only reads the instance
+or calls its pure lookups (``list_all_airports``, ``get_flight_cost``, ``compute_exchange_rate``, ...).
 
 This file is longer than most modules because it is one table, one rule per BFCL class; splitting it
 per class would scatter a single concept (the hint catalogue) over eight files.
