@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.envtune-installed
 SGLANG_CONTRACT := .cache/sglang/api_types.py
 
-.PHONY: setup run test lint bench clean-venv
+TYPECHECK := .cache/typecheck/envtune
+
+.PHONY: setup run test lint typecheck-tree clean-venv
 
 setup: $(STAMP) $(SGLANG_CONTRACT)
 
@@ -29,12 +31,18 @@ $(SGLANG_CONTRACT):
 run: setup
 	$(VENV)/bin/envtune-run
 
-test: setup
+test: setup lint
 	# One torch thread per process: on 2 cores, two intra-op threads fighting the test runner are 5-10x slower.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
-lint: setup
+# mypy cannot follow the install's package-dir mapping: give it links named like the packages.
+typecheck-tree:
+	mkdir -p $(TYPECHECK)
+	for package in agents environments optim runtime; do ln -sfn ../../../$$package $(TYPECHECK)/$$package; done
+
+lint: setup typecheck-tree
 	$(VENV)/bin/ruff check .
+	cd .cache/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p envtune
 
 clean-venv:
 	rm -rf $(VENV)

@@ -143,7 +143,8 @@ class ChatTokenizer:
         ids = list(sampled_ids)
         if ids and (stopped or ids[-1] == self.end_of_turn_id):
             ids.pop()
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return text
 
     def encode_reply(self, text: str) -> list[int]:
         """Ids of a reply text followed by end-of-turn: what a model that wrote ``text`` would sample

@@ -70,7 +70,7 @@ def bfcl_to_json_schema(schema: Mapping[str, Any], where: str = "parameters") ->
     """
     kind = schema.get("type")
     out: dict[str, Any]
-    if kind in _BFCL_SCALARS:
+    if isinstance(kind, str) and kind in _BFCL_SCALARS:
         out = {"type": _BFCL_SCALARS[kind]}
     elif kind in ("dict", "object"):
         properties = schema.get("properties") or {}

@@ -209,7 +209,7 @@ def perturb(task: Task, kind: str, rng: random.Random) -> ScriptedRun | None:
             return None
         cut = rng.randrange(1, len(turns[t]))
         steps = [turns[t][:cut], turns[t][cut:]]
-        as_steps = [((tuple(c),) if c else ()) for c in turns]
+        as_steps: list[tuple[tuple[ToolCall, ...], ...]] = [((tuple(c),) if c else ()) for c in turns]
         as_steps[t] = tuple(tuple(s) for s in steps)
         return ScriptedRun(task_id=task.id, kind=kind, turns=tuple(as_steps))
     else:

@@ -423,9 +423,11 @@ def _travel_route_exists(api: Any, origin: str, destination: str) -> bool:
 
 
 def _travel_flight_cost(seen: _Seen, api: Any) -> str | None:
-    if "route" not in seen.failure:
+    if seen.failure is None or "route" not in seen.failure:
         return None
     origin, destination = seen.text("travel_from"), seen.text("travel_to")
+    if origin is None or destination is None:
+        return None
     airports = _travel_airports(api)
     unknown = [
         f"'{code}' ({role})"

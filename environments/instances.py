@@ -44,7 +44,8 @@ def bfcl_class(class_name: str) -> type:
     module = importlib.import_module(
         f"bfcl_eval.eval_checker.multi_turn_eval.func_source_code.{CLASS_MODULES[class_name]}"
     )
-    return getattr(module, class_name)
+    cls: type = getattr(module, class_name)
+    return cls
 
 
 @functools.cache

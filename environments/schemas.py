@@ -235,18 +235,18 @@ def _mismatch(value: object, schema: Mapping[str, Any], path: str, depth: int = 
     elif kind in ("array", "tuple"):
         ok = isinstance(value, list | tuple)
         items = schema.get("items")
-        if ok and isinstance(items, Mapping) and depth < 8:
-            for index, item in enumerate(value):  # type: ignore[arg-type]
+        if isinstance(value, list | tuple) and isinstance(items, Mapping) and depth < 8:
+            for index, item in enumerate(value):
                 found = _mismatch(item, items, f"{path}[{index}]", depth + 1)
                 if found is not None:
                     return found
     elif kind == "dict":
         ok = isinstance(value, Mapping)
         properties = schema.get("properties")
-        if ok and isinstance(properties, Mapping) and depth < 8:
+        if isinstance(value, Mapping) and isinstance(properties, Mapping) and depth < 8:
             # Keys of a nested dict are checked by the method itself (edit_ticket accepts 'title', which its
             # doc omits), and None values are allowed (edit_ticket's updates are Dict[str, Optional[...]]).
-            for key, item in value.items():  # type: ignore[union-attr]
+            for key, item in value.items():
                 sub = properties.get(key)
                 if item is not None and isinstance(sub, Mapping):
                     found = _mismatch(item, sub, f"{path}.{key}", depth + 1)

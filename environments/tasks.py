@@ -245,7 +245,8 @@ class Split:
             raise ValueError(
                 f"unknown split part {name!r}; expected train, test, validation or train_minus_validation"
             )
-        return getattr(self, name)
+        ids: tuple[str, ...] = getattr(self, name)
+        return ids
 
 
 def _rank(task_id: str, salt: str) -> str:

@@ -329,8 +329,10 @@ def _reject_constant(name: str) -> NoReturn:
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
-        seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        counts: dict[str, int] = {}
+        for key, _ in pairs:
+            counts[key] = counts.get(key, 0) + 1
+        duplicate = next(key for key, _ in pairs if counts[key] > 1)
         _fail(f"Invalid JSON inside <tool_call>: duplicate key {duplicate!r} in an object", "invalid_json")
     return result
 
@@ -553,7 +555,8 @@ class _LiteralReader:
             isinstance(node, ast.UnaryOp)
             and isinstance(node.op, ast.USub)
             and isinstance(node.operand, ast.Constant)
-            and type(node.operand.value) in (int, float)
+            and isinstance(node.operand.value, int | float)
+            and not isinstance(node.operand.value, bool)
         ):
             return self.constant(-node.operand.value, node, where)
         if isinstance(node, ast.List | ast.Tuple):

@@ -27,7 +27,7 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings = LoraSettings())
         return model
     config = LoraConfig(
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides it by r
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         bias="none",
@@ -51,7 +51,7 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
     """Load tensors from ``adapter_state`` back into ``model``; every adapter key must be present."""
     result = set_peft_model_state_dict(model, state)
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    missing = [k for k in getattr(result, "missing_keys", ()) if "lora_" in k]
     if missing:
         raise ValueError(f"adapter state lacks {len(missing)} keys, e.g. {missing[0]}")
 

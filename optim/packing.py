@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
@@ -193,7 +194,14 @@ def _segment_bounds(position_ids: torch.Tensor) -> list[int]:
     return [*starts, position_ids.shape[-1]]
 
 
-def _packed_sdpa(module, query, key, value, attention_mask, **kwargs):
+def _packed_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sdpa per packed segment when the call is a packed training row; plain sdpa otherwise."""
     position_ids = kwargs.get("position_ids")
     packed = (
@@ -203,7 +211,7 @@ def _packed_sdpa(module, query, key, value, attention_mask, **kwargs):
         and query.shape[2] == key.shape[2]
         and position_ids.shape[-1] == query.shape[2]
     )
-    if packed:
+    if packed and position_ids is not None:
         bounds = _segment_bounds(position_ids)
         if bounds[0] != 0:
             raise ValueError("packed position_ids must start at 0")
@@ -218,11 +226,11 @@ def _packed_sdpa(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _packed_sdpa_mask(*args, attention_mask=None, **kwargs):
+def _packed_sdpa_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
     # No dense mask for a packed row: the attention function splits it by position_ids instead.
     if attention_mask is None and kwargs.get("q_length", 0) == kwargs.get("kv_length", 0):
         return None
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)  # type: ignore[misc]
 
 
 def enable_packed_attention(model: torch.nn.Module) -> str:
@@ -231,8 +239,8 @@ def enable_packed_attention(model: torch.nn.Module) -> str:
     Registers ``envtune_packed_sdpa`` with transformers (idempotent) and switches sdpa/eager models
     to it; flash-attention models are left as they are.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    current = base.config._attn_implementation
+    base: Any = getattr(model, "get_base_model", lambda: model)()
+    current: str = base.config._attn_implementation
     if current in _NATIVE_PACKED or current == PACKED_ATTENTION:
         return current
     if current not in ("sdpa", "eager", None):

@@ -60,7 +60,7 @@ def _is_number(value: Any) -> bool:
 def _int(value: Any) -> int:
     if not _is_int(value):
         raise _type_error(value, "i64")
-    return value
+    return int(value)
 
 
 def _uint(value: Any, expected: str = "u64") -> int:
@@ -68,7 +68,7 @@ def _uint(value: Any, expected: str = "u64") -> int:
         raise _type_error(value, expected)
     if value < 0:
         raise ContractError(f"invalid value: integer `{value}`, expected {expected}")
-    return value
+    return int(value)
 
 
 def _float(value: Any) -> float:
@@ -340,10 +340,11 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]]) -> ParsedGener
     text = fields.get("text")
     if (input_ids is None) == (text is None):
         raise ContractError("Either text or input_ids should be provided.")
+    prompts: list[tuple[int, ...]]
     if input_ids is not None:
-        decoded_ids = _token_ids_or_list(input_ids)
+        decoded_ids: list[Any] = _token_ids_or_list(input_ids)
         batched = bool(decoded_ids) and isinstance(decoded_ids[0], list)
-        prompts = [tuple(ids) for ids in decoded_ids] if batched else [tuple(decoded_ids)]  # type: ignore[arg-type]
+        prompts = [tuple(ids) for ids in decoded_ids] if batched else [tuple(decoded_ids)]
     else:
         texts = _one_or_list(expect_str)(text)
         batched = isinstance(texts, list)

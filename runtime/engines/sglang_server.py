@@ -135,7 +135,8 @@ class SGLangProtocolServer:
             and request.headers.get("Authorization", "") != f"Bearer {self.api_key}"
         ):
             return web.json_response({"error": "Unauthorized"}, status=401)
-        return await handler(request)
+        response: web.StreamResponse = await handler(request)
+        return response
 
     @staticmethod
     async def _json_body(request: web.Request) -> Any:
@@ -145,7 +146,8 @@ class SGLangProtocolServer:
             raise ContractError(f"request body is not valid JSON: {exc}") from exc
 
     def _decode(self, token_ids: Sequence[int], skip_special_tokens: bool) -> str:
-        return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        text = self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return str(text)
 
     def _response_item(
         self,
@@ -281,7 +283,8 @@ class SGLangProtocolServer:
                     )
         except* EngineError as group_error:
             error = group_error.exceptions[0]
-            await write({"error": {"message": str(error), "code": 503 if error.retryable else 400}})  # type: ignore[attr-defined]
+            retryable = isinstance(error, EngineError) and error.retryable
+            await write({"error": {"message": str(error), "code": 503 if retryable else 400}})
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -30,7 +30,7 @@ from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
 from envtune.optim.config import LearnerConfig
 from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
 from envtune.runtime.recipe import config_io
-from envtune.runtime.recipe.config_io import ConfigError
+from envtune.runtime.recipe.config_io import ConfigError as ConfigError
 from envtune.runtime.rollout import RolloutConfig
 
 PRESETS = Path(__file__).parent / "presets"

@@ -41,8 +41,13 @@ class ConfigError(ValueError):
 # --- types ----------------------------------------------------------------------------------------
 
 
+def _is_record(tp: Any) -> bool:
+    """A dataclass type (a config table); a plain bool, so ``tp`` keeps its static type."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -69,7 +74,7 @@ def _item_types(tp: Any) -> tuple[Any, ...] | None:
 def _is_table_array(tp: Any) -> bool:
     items = _item_types(tp)
     return (
-        items is not None and len(items) == 2 and items[1] is Ellipsis and dataclasses.is_dataclass(items[0])
+        items is not None and len(items) == 2 and items[1] is Ellipsis and _is_record(items[0])
     )
 
 
@@ -87,7 +92,7 @@ def _type_name(tp: Any) -> str:
         if len(items) == 2 and items[1] is Ellipsis:
             return f"list of {_type_name(items[0])}"
         return f"list of {len(items)}: " + ", ".join(_type_name(i) for i in items)
-    if dataclasses.is_dataclass(tp):
+    if _is_record(tp):
         return "table"
     return {bool: "true | false", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
 
@@ -103,7 +108,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         return _coerce(value, inner, key)
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if _is_record(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
         return _from_mapping(tp, value, key)
@@ -248,7 +253,7 @@ def _apply(node: dict[str, Any], cls: type, parts: list[str], text: str, key: st
         where = f"{done}.{head}" if done else head
         raise ConfigError(f"unknown key {where!r}; valid keys here: {sorted(valid)}")
     tp = _hints(cls)[head]
-    if dataclasses.is_dataclass(tp):
+    if _is_record(tp):
         if not rest:
             raise ConfigError(f"{key} is a table; set one of its keys: {sorted(f.name for f in _fields(tp))}")
         _apply(node.setdefault(head, {}), tp, rest, text, key)
@@ -316,7 +321,7 @@ def with_overrides(config: T, overrides: Sequence[str]) -> T:
 
 
 @functools.cache
-def field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: Any) -> dict[str, str]:
     """Field name -> the docstring written under it in the class body."""
     tree = ast.parse(inspect.getsource(cls))
     node = tree.body[0]
@@ -355,13 +360,13 @@ def _comment(text: str) -> list[str]:
 
 
 def _dump_table(obj: Any, header: str, array: bool, doc: str, out: list[str]) -> None:
-    cls = type(obj)
+    cls: Any = type(obj)
     docs = field_docs(cls)
     scalars = []
     tables = []
     for f in _fields(cls):
         tp = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
+        if _is_record(tp):
             tables.append((f.name, False))
         elif _is_table_array(tp):
             tables.append((f.name, True))
@@ -397,7 +402,7 @@ def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in _fields(cls):
         tp = _hints(cls)[f.name]
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
+        if _is_record(tp):
             rows.extend(describe_keys(tp, f"{key}."))
         elif _is_table_array(tp):
             rows.extend(describe_keys(typing.get_args(tp)[0], f"{key}.<n|name|*>."))

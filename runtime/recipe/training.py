@@ -44,7 +44,8 @@ def load_policy_model(path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     if torch.cuda.is_available():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda")
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        return model.to("cuda")
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
@@ -94,7 +95,7 @@ async def train(
         folder,
         config.rollout,
         config.run,
-        decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False),
+        decode=lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=False)),
         validate=make_validator(
             scheduler,
             engine,

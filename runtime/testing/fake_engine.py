@@ -152,7 +152,7 @@ class VirtualClockDeadlock(RuntimeError):
     """The virtual loop had no timer to jump to and nothing arrived: every task is waiting forever."""
 
 
-class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class _JumpingSelector(selectors.DefaultSelector):
     """Polls real file descriptors without blocking; a would-be sleep advances the virtual clock."""
 
     def __init__(self, advance: Callable[[float], None], idle_limit_s: float) -> None:
