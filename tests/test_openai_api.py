@@ -675,3 +675,21 @@ async def test_response_format_and_forced_tools_become_constraints(tokenizer: An
     )
     assert second is not None and json.loads(second.grammar) == {"type": "object"}
     assert third is not None and third.kind is ConstraintKind.EBNF and '"<tool_call>\\n' in third.grammar
+
+
+async def test_streamed_text_equals_the_whole_decode(tokenizer: Any) -> None:
+    """Incremental decoding (a window of new tokens) gives exactly the text a whole decode gives,
+    through multi-byte characters split across tokens and protocol tokens."""
+    text = "Grüße aus Köln: 日本語のテキスト 🚀🚀 <think>ok</think> ça va? \n\t done — ✓"
+    engine = ScriptedEngine(tokenizer, [text])
+    kwargs: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    async with serve(engine, tokenizer) as url:
+        plain = await client(url).chat.completions.create(**kwargs)
+        stream = await client(url).chat.completions.create(**kwargs, stream=True)
+        pieces = [c.choices[0].delta.content or "" async for c in stream]
+    assert plain.choices[0].message.content == tokenizer.decode(
+        tokenizer(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True
+    )
+    assert "".join(pieces) == plain.choices[0].message.content
+    assert len([p for p in pieces if p]) > 10  # it really streamed piece by piece
+    assert not any("\ufffd" in p for p in pieces)
