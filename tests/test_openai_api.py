@@ -693,3 +693,21 @@ async def test_streamed_text_equals_the_whole_decode(tokenizer: Any) -> None:
     assert "".join(pieces) == plain.choices[0].message.content
     assert len([p for p in pieces if p]) > 10  # it really streamed piece by piece
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_decode_benchmark_smoke() -> None:
+    """The benchmark's two arms agree on the text (a short run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "openai_stream_decode.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--tokens", "96", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["same_text"] is True and result["tokens"] == 96

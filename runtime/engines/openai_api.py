@@ -315,7 +315,8 @@ class OpenAIChatRoutes:
 
     def _detokenize(self, choice: _Choice) -> None:
         """Extend ``choice.text`` by decoding a short window of the newest tokens, not the whole reply
-        (that cost grew with the square of the length: 1.8 s of event-loop time for 2048 tokens).
+        (that cost grows with the square of the length; ``benchmarks/openai_stream_decode.py`` measures
+        both on a 2048-token reply).
 
         The window starts at the last token boundary where the text was complete; byte-level BPE
         decodes a window exactly as it decodes the same tokens inside the whole, and a window that
