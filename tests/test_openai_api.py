@@ -711,3 +711,21 @@ def test_decode_benchmark_smoke() -> None:
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["same_text"] is True and result["tokens"] == 96
+
+
+async def test_mounts_beside_the_sglang_native_api(engine: EmbeddedEngine, tokenizer: Any) -> None:
+    """How envtune-serve will serve both: the routes added to SGLangProtocolServer's app before start."""
+    from envtune.runtime.engines import SGLangProtocolServer
+
+    server = SGLangProtocolServer(engine, served_model_name=MODEL)
+    add_openai_routes(server.app, engine, tokenizer, served_model_name=MODEL)
+    url = await server.start()
+    try:
+        reply = await client(f"{url}/v1").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens <= 3
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/health") as response:
+            assert response.status == 200  # the native API is still there
+    finally:
+        await server.close()
