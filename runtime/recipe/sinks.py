@@ -199,6 +199,7 @@ class WandbSink:
             mode=mode,
             settings=settings,
         )
+        self._wandb: Any = wandb
         self._closed = False
 
     @property
@@ -215,6 +216,10 @@ class WandbSink:
         if not self._closed:
             self._closed = True
             self._run.finish()
+            # finish() can return before W&B's service has flushed the run file (wandb 0.31: the
+            # .wandb file still held only its header right after finish); teardown waits for the
+            # service to exit. envtune opens one W&B run per process, so nothing else is cut short.
+            self._wandb.teardown()
 
 
 class MetricSinks:
