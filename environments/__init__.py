@@ -3,6 +3,7 @@
 Knows nothing of agents, runtime or optim. Public names:
 """
 
+from envtune.environments.api import Feedback, ToolSession
 from envtune.environments.episode import (
     EVAL_MAX_STEPS_PER_TURN,
     TRAIN_MAX_STEPS_PER_TURN,
@@ -35,6 +36,7 @@ __all__ = [
     "EpisodeConfig",
     "EpisodeScore",
     "EpisodeStateError",
+    "Feedback",
     "FeedbackMode",
     "FunctionDoc",
     "Message",
@@ -45,6 +47,7 @@ __all__ = [
     "StepResult",
     "Task",
     "ToolCall",
+    "ToolSession",
     "load_function_docs",
     "load_split",
     "load_tasks",

@@ -113,20 +113,34 @@ class Episode:
         return (system, Message("user", user_text))
 
     def step(self, reply: str | bytes) -> StepResult:
-        """Consume one model reply and answer it."""
+        """Consume one model reply (envtune's text format) and answer it."""
+        self._check_steppable()
+        try:
+            parsed = parse_reply(reply, require_think=self.config.require_think)
+        except FormatError as exc:
+            return self.step_parsed(exc)
+        return self.step_parsed(parsed)
+
+    def step_parsed(self, reply: ParsedReply | FormatError) -> StepResult:
+        """Answer one reply that ``tool_calls`` already parsed (or refused with a ``FormatError``).
+
+        ``step`` is this after ``parse_reply``; ``environments/api.py`` comes here with structured
+        (OpenAI-style) calls checked by the same parser, so both paths validate and run alike.
+        """
+        self._check_steppable()
+        self._steps_in_turn += 1
+        turn = self._turn
+        if isinstance(reply, FormatError):
+            return self._after_format_error(turn, str(reply))
+        if reply.kind == "answer":
+            return self._close_turn(turn, called_on_empty_turn=False, forced=False, extra=())
+        return self._after_tool_call(turn, reply)
+
+    def _check_steppable(self) -> None:
         if self._turn == -1:
             raise EpisodeStateError("call start() before step()")
         if self._done:
             raise EpisodeStateError("episode is done; no further step is accepted")
-        self._steps_in_turn += 1
-        turn = self._turn
-        try:
-            parsed = parse_reply(reply, require_think=self.config.require_think)
-        except FormatError as exc:
-            return self._after_format_error(turn, str(exc))
-        if parsed.kind == "answer":
-            return self._close_turn(turn, called_on_empty_turn=False, forced=False, extra=())
-        return self._after_tool_call(turn, parsed)
 
     def score(self) -> EpisodeScore:
         """Rewards so far (final once ``done``); unreached turns count 0."""
