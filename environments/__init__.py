@@ -22,6 +22,7 @@ from envtune.environments.types import (
     StepCode,
     StepResult,
     ToolCall,
+    ToolFault,
 )
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "StepResult",
     "Task",
     "ToolCall",
+    "ToolFault",
     "load_function_docs",
     "load_split",
     "load_tasks",
