@@ -171,6 +171,9 @@ def learner_run(
     try:
         learner = ShardedLearner(ShardedCore(model, config, settings, context=ctx))
     except MemoryBudgetError as exc:
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
         return {**result, "skipped": str(exc)}
     est = learner.memory_estimate
     result["estimate_gib"] = round(est.total / GIB, 2) if est is not None else None
@@ -307,7 +310,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=2, help="timed learner steps per run (after one warm-up)"
     )
-    parser.add_argument("--episodes", type=int, default=16)
+    parser.add_argument("--episodes", type=int, default=8, help="BFCL episodes per batch (~8k tokens each)")
     parser.add_argument("--engine-batches", default=None, help="default 1,16,64 (GPU) or 1,4 (CPU)")
     parser.add_argument(
         "--work-dir", default=None, help="where the engine's model folder goes (default: a temp dir)"
