@@ -205,7 +205,7 @@ def run_prerequisites(env: MemoryEnvironment, scenario: str | None = None) -> in
             continue
         episode = env.make_episode(task.id)
         episode.start()
-        conversation = task.id.split("_prereq_", 1)[1]
+        conversation = f"{task.scenario} conversation {task.chain_index}"
         for index, messages in enumerate(task.turns):
             if episode.done:
                 break

@@ -27,6 +27,8 @@ from envtune.environments.types import ToolCall
 OPENING = "Hi, I need some help with my account."
 ASK_USER = "Please do the following on your phone, then tell me when it is done."
 CLOSING = "Thank you, everything is taken care of."
+READ_PREFIXES = ("get_", "search_", "list_", "find_", "calculate", "think", "check_")
+"""Tool names that only read (a naming convention of tau2's domains; used to aim perturbations)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +121,16 @@ def plans_for(task: Tau2Task, rng: random.Random, read_tool: str | None) -> list
     actions = list(task.actions)
     plans = [plan_from_actions(task, actions, "ground_truth")]
     if actions:
+        # Target the actions that change state when there are any (a dropped lookup changes nothing).
+        writes = [i for i, a in enumerate(actions) if not a.name.startswith(READ_PREFIXES)] or list(
+            range(len(actions))
+        )
         dropped = list(actions)
-        del dropped[rng.randrange(len(dropped))]
+        del dropped[rng.choice(writes)]
         plans.append(plan_from_actions(task, dropped, "drop_action"))
-        with_args = [i for i, a in enumerate(actions) if a.arguments]
+        with_args = [i for i in writes if actions[i].arguments] or [
+            i for i, a in enumerate(actions) if a.arguments
+        ]
         if with_args:
             i = rng.choice(with_args)
             key = rng.choice(sorted(actions[i].arguments))
@@ -205,10 +213,13 @@ def agreements(
     perturbed: bool = True,
     limit: int | None = None,
     kinds: Sequence[str] | None = None,
+    task_ids: Sequence[str] | None = None,
 ) -> Iterator[Agreement]:
+    """Both verdicts on the plans of every task (or ``task_ids``, or the first ``limit``)."""
     rng = random.Random(seed)
     read_tool = next((doc.name for doc in env.info.tools if doc.name.startswith("get_")), None)
-    for task in list(env.task_map.values())[:limit]:
+    tasks = [env.task_map[i] for i in task_ids] if task_ids is not None else list(env.task_map.values())
+    for task in tasks[:limit]:
         plans = plans_for(task, rng, read_tool)
         if not perturbed:
             plans = plans[:1]

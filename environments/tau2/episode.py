@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from envtune.environments import protocol
 from envtune.environments.episode import EpisodeStateError
 from envtune.environments.suite_api import TaskVerdict
-from envtune.environments.tau2.data import DomainInfo, Tau2Task
+from envtune.environments.tau2.data import DomainInfo, Tau2Task, thaw
 from envtune.environments.tau2.judge import EnvFacts, judge
 from envtune.environments.tau2.nl_judge import judge_nl_assertions
 from envtune.environments.tau2.user import (
@@ -173,6 +173,8 @@ class Tau2Episode:
         user_text = self._user_turn()
         if user_text is not None:
             opening.append(Message("user", user_text))
+        if self.done:  # the user stopped, failed or hit a limit before the agent's first turn
+            self._finish()
         return tuple(opening)
 
     def step(self, reply: str | bytes) -> StepResult:
@@ -345,7 +347,7 @@ class Tau2Episode:
 
     def _user_turn(self) -> str | None:
         """Let the user act until it speaks to the agent; its text (None if the conversation ended first)."""
-        tools = self._domain.user_tool_schemas
+        tools = [thaw(schema) for schema in self._domain.user_tool_schemas]
         while not self.done:
             try:
                 reply: UserReply = self._user.reply(self._user_view(), tools)

@@ -26,8 +26,9 @@ WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
 PYTHON_ENV = "ENVTUNE_OOD_PYTHON"
 """Environment variable naming the OOD extra environment's Python (default ``.cache/ood-venv``)."""
 MAX_REPLY_BYTES = 64 * 1024 * 1024
-DEFAULT_TIMEOUT_S = 60.0
-STARTUP_TIMEOUT_S = 180.0
+DEFAULT_TIMEOUT_S = 300.0
+"""Deadline of a request that is not a tool call (a busy 2-core machine can be very slow)."""
+STARTUP_TIMEOUT_S = 600.0
 
 
 class WorkerError(RuntimeError):

