@@ -135,7 +135,9 @@ def _tau2(domain: str) -> Callable[[SuiteOptions, dict[str, Any]], Any]:
         if worker is None:
             worker = shared["tau2_worker"] = Tau2Worker(options.tau2_python)
         user = options.extra.get("tau2_user_factory") or options.tau2_user
-        return Tau2Environment(domain, split=options.tau2_split, user=user, judge=options.tau2_judge, worker=worker)
+        return Tau2Environment(
+            domain, split=options.tau2_split, user=user, judge=options.tau2_judge, worker=worker
+        )
 
     return open_tau2
 
@@ -144,7 +146,9 @@ def _acebench(options: SuiteOptions, shared: dict[str, Any]) -> Any:
     from envtune.environments.acebench.environment import AceBenchEnvironment
 
     if options.acebench_data is None:
-        raise ValueError("acebench-agent needs --data PATH: an ACEBench checkout (data_all/ and model_inference/)")
+        raise ValueError(
+            "acebench-agent needs --data PATH: an ACEBench checkout (data_all/ and model_inference/)"
+        )
     return AceBenchEnvironment(options.acebench_data, user=options.tau2_user, extra=options.extra)
 
 
@@ -229,7 +233,9 @@ def get_suite(name: str) -> SuiteInfo:
         raise KeyError(f"unknown suite {name!r}; known: {', '.join(SUITES)}") from None
 
 
-def open_suites(names: Sequence[str], options: SuiteOptions | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def open_suites(
+    names: Sequence[str], options: SuiteOptions | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Environments of several suites sharing resources (one τ² worker); close them, then the shared.
 
     Returns (name -> environment, shared resources). ``close_shared`` releases the shared ones.
@@ -256,4 +262,6 @@ def close_shared(shared: Mapping[str, Any]) -> None:
 def listing() -> str:
     """What ``--suite list`` prints."""
     width = max(len(name) for name in SUITES)
-    return "\n".join(f"{info.name.ljust(width)}  {info.description}  [needs: {info.needs}]" for info in SUITES.values())
+    return "\n".join(
+        f"{info.name.ljust(width)}  {info.description}  [needs: {info.needs}]" for info in SUITES.values()
+    )

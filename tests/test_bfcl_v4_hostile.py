@@ -32,7 +32,7 @@ def _step(episode, *calls: ToolCall):
 
 @pytest.fixture
 def tripwires(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
-    """Arm (after set-up) tripwires that fail loudly if a step opens files, runs processes or evaluates text."""
+    """Arm (after set-up) tripwires: fail loudly if a step opens files, runs processes or evaluates text."""
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"executed something it must not: {args!r}")

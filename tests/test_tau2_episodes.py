@@ -6,7 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from envtune.environments.tau2.conformance import (
@@ -156,10 +156,10 @@ def test_a_dead_user_endpoint_ends_the_conversation_as_a_user_error(retail: Tau2
 
 
 class _FakeChat(BaseHTTPRequestHandler):
-    replies: list[dict[str, Any]] = []
-    requests: list[dict[str, Any]] = []
+    replies: ClassVar[list[dict[str, Any]]] = []
+    requests: ClassVar[list[dict[str, Any]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append(
             {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
@@ -248,4 +248,5 @@ def test_ground_truth_plan_really_executes_the_gold_actions(retail: Tau2Environm
 
 
 def test_the_worker_uses_the_constructors_tau2s_registry_registers(worker: Tau2Worker) -> None:
-    assert worker.request("registry_check", timeout_s=600) == {"retail": True, "airline": True, "telecom": True}
+    expected = {"retail": True, "airline": True, "telecom": True}
+    assert worker.request("registry_check", timeout_s=600) == expected

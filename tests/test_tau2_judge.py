@@ -43,7 +43,8 @@ def test_only_a_stop_earns_a_reward() -> None:
 def test_components_multiply_over_the_reward_basis() -> None:
     task = _task(communicate_info=("1234.50",))
     assert judge(task, _said("Your refund is 1234.50 dollars"), "user_stop", SAME, suite="s").reward == 1.0
-    assert judge(task, _said("Your REFUND is 1,234.50"), "user_stop", SAME, suite="s").reward == 1.0  # commas dropped
+    # tau2 drops the message's commas (not the info's) and ignores case
+    assert judge(task, _said("Your REFUND is 1,234.50"), "user_stop", SAME, suite="s").reward == 1.0
     assert judge(task, _said("Your refund is 1234,5"), "user_stop", SAME, suite="s").reward == 0.0
     assert judge(task, _said("refund 1234.50"), "user_stop", DIFFERENT, suite="s").reward == 0.0
     db_only = _task(reward_basis=("DB",), communicate_info=("never said",))
