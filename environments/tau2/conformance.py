@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from envtune.environments.tau2.data import Action, Tau2Task, thaw
 from envtune.environments.tau2.environment import Tau2Environment
 from envtune.environments.tau2.user import ScriptedUser, UserReply
+from envtune.environments.tau2.worker import Tau2Worker
 from envtune.environments.types import ToolCall
 
 OPENING = "Hi, I need some help with my account."
@@ -192,16 +194,20 @@ def tool_reply(calls: Sequence[ToolCall]) -> str:
 
 
 def reference_reward(
-    env: Tau2Environment, task_id: str, messages: list[dict[str, Any]], termination: str
+    env: Tau2Environment,
+    task_id: str,
+    messages: list[dict[str, Any]],
+    termination: str,
+    worker: Tau2Worker | None = None,
 ) -> float:
-    """tau2's ``evaluate_simulation`` on the same trajectory (run in the worker)."""
-    result = env.worker.request(
+    """tau2's ``evaluate_simulation`` on the same trajectory (in ``worker``, default the env's own)."""
+    result = (worker or env.worker).request(
         "evaluate",
         domain=env.domain,
         task_id=task_id,
         messages=messages,
         termination_reason=termination,
-        timeout_s=300,
+        timeout_s=600,
     )
     return float(result["reward"])
 
@@ -214,22 +220,41 @@ def agreements(
     limit: int | None = None,
     kinds: Sequence[str] | None = None,
     task_ids: Sequence[str] | None = None,
+    reference: Tau2Worker | None = None,
 ) -> Iterator[Agreement]:
-    """Both verdicts on the plans of every task (or ``task_ids``, or the first ``limit``)."""
+    """Both verdicts on the plans of every task (or ``task_ids``, or the first ``limit``).
+
+    With a second worker as ``reference``, tau2's evaluator judges one plan while envtune plays the
+    next (two processes, two cores); otherwise both run on the environment's worker in turn.
+    """
     rng = random.Random(seed)
     read_tool = next((doc.name for doc in env.info.tools if doc.name.startswith("get_")), None)
     tasks = [env.task_map[i] for i in task_ids] if task_ids is not None else list(env.task_map.values())
-    for task in tasks[:limit]:
-        plans = plans_for(task, rng, read_tool)
-        if not perturbed:
-            plans = plans[:1]
-        elif kinds is not None:
-            plans = [p for p in plans if p.kind in kinds or p.kind == "ground_truth"]
-        for plan in plans:
-            reward, termination, messages, detail = play(env, plan)
-            yield Agreement(
-                plan, reward, reference_reward(env, plan.task_id, messages, termination), termination, detail
-            )
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: tuple[Plan, float, str, dict[str, Any], Future[float]] | None = None
+        for task in tasks[:limit]:
+            plans = plans_for(task, rng, read_tool)
+            if not perturbed:
+                plans = plans[:1]
+            elif kinds is not None:
+                plans = [p for p in plans if p.kind in kinds or p.kind == "ground_truth"]
+            for plan in plans:
+                reward, termination, messages, detail = play(env, plan)
+                if reference is None:
+                    yield Agreement(
+                        plan,
+                        reward,
+                        reference_reward(env, plan.task_id, messages, termination),
+                        termination,
+                        detail,
+                    )
+                    continue
+                future = pool.submit(reference_reward, env, plan.task_id, messages, termination, reference)
+                if pending is not None:
+                    yield Agreement(*pending[:2], pending[4].result(), *pending[2:4])
+                pending = (plan, reward, termination, detail, future)
+        if pending is not None:
+            yield Agreement(*pending[:2], pending[4].result(), *pending[2:4])
 
 
 def summary(items: Sequence[Agreement]) -> dict[str, Any]:
@@ -248,3 +273,15 @@ def summary(items: Sequence[Agreement]) -> dict[str, Any]:
 
 
 __all__ = ["Agreement", "Plan", "Segment", "agreements", "plans_for", "summary"]
+
+
+def replay_into_session(
+    env: Tau2Environment, task_id: str, messages: Sequence[dict[str, Any]], session: str
+) -> None:
+    """Open ``session`` and replay a finished trajectory's tool calls into it (as tau2's ``set_state``)."""
+    env.worker.open_session(session, env.domain, task_id)
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            env.worker.call(
+                session, call["name"], call["arguments"], requestor=call["requestor"], call_id=call["id"]
+            )

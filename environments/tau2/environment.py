@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
+from typing import Any
 
-from envtune.environments.suite_api import SuiteTask
+from envtune.environments.suite_api import SuiteTask, TaskVerdict
 from envtune.environments.tau2.data import DOMAINS, DomainInfo, Tau2Task, parse_domain, parse_task, thaw
 from envtune.environments.tau2.episode import Tau2Episode, Tau2EpisodeConfig
+from envtune.environments.tau2.judge import STOP_REASONS, EnvFacts, judge
+from envtune.environments.tau2.nl_judge import judge_nl_assertions
 from envtune.environments.tau2.user import EndpointConfig, OpenAIUserSimulator, UserSimulator
-from envtune.environments.tau2.worker import Tau2Worker
+from envtune.environments.tau2.worker import Tau2Worker, WorkerError
 
 UserFactory = Callable[[Tau2Task], UserSimulator]
 
@@ -116,6 +119,50 @@ class Tau2Environment:
         with self._gold_lock:
             self._gold[task.id] = result
         return result
+
+    def environment_facts(self, task: Tau2Task, session: str) -> EnvFacts:
+        """Final-state hashes and env-assertion results of an open session, with the gold hashes."""
+        hashes: Mapping[str, Any] = self.worker.request("hash", session=session)
+        assertions: tuple[bool, ...] = ()
+        if task.env_assertions:
+            assertions = tuple(
+                self.worker.request(
+                    "assert", session=session, assertions=[a.to_json() for a in task.env_assertions]
+                )
+            )
+        return EnvFacts(
+            predicted_hashes=(hashes["agent"], hashes["user"]),
+            gold_hashes=self.gold_hashes(task),
+            assertions=assertions,
+        )
+
+    def judge_conversation(
+        self,
+        task: Tau2Task,
+        session: str,
+        messages: Sequence[Mapping[str, Any]],
+        termination: str,
+        judge_endpoint: EndpointConfig | None = None,
+    ) -> TaskVerdict:
+        """tau2's reward for a conversation whose final state is the open ``session`` (see judge.py)."""
+        facts = None
+        nl = None
+        try:
+            if termination in STOP_REASONS and task.has_criteria:
+                if {"DB", "ENV_ASSERTION"} & set(task.reward_basis):
+                    facts = self.environment_facts(task, session)
+                if "NL_ASSERTION" in task.reward_basis and judge_endpoint is not None:
+                    nl = judge_nl_assertions(judge_endpoint, messages, task.nl_assertions)
+            return judge(task, messages, termination, facts, nl, suite=self.suite)
+        except WorkerError as exc:
+            return TaskVerdict(
+                task_id=task.id,
+                suite=self.suite,
+                category=task.domain,
+                passed=False,
+                reward=0.0,
+                detail={"termination_reason": termination, "error": f"environment check failed: {exc}"},
+            )
 
     def close(self) -> None:
         if self._owns_worker:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +27,6 @@ from envtune.environments import protocol
 from envtune.environments.episode import EpisodeStateError
 from envtune.environments.suite_api import TaskVerdict
 from envtune.environments.tau2.data import DomainInfo, Tau2Task, thaw
-from envtune.environments.tau2.judge import EnvFacts, judge
-from envtune.environments.tau2.nl_judge import judge_nl_assertions
 from envtune.environments.tau2.user import (
     EndpointConfig,
     UserReply,
@@ -397,32 +394,12 @@ class Tau2Episode:
         )
 
     def _finish(self) -> None:
-        """Judge the finished conversation (environment facts from the worker), then free the session."""
+        """Judge the finished conversation on the live session, then free the session."""
         assert self._termination is not None
-        task = self.task
-        facts = None
-        nl = None
-        detail: dict[str, Any] = {
-            "user_simulator": self._user.description,
-            "steps": self._steps,
-            "errors": self._errors,
-        }
-        try:
-            if self._termination in ("agent_stop", "user_stop") and task.has_criteria:
-                if {"DB", "ENV_ASSERTION"} & set(task.reward_basis):
-                    facts = self._env_facts()
-                if "NL_ASSERTION" in task.reward_basis and self._judge_endpoint is not None:
-                    nl = judge_nl_assertions(self._judge_endpoint, self._messages, task.nl_assertions)
-            verdict = judge(task, self._messages, self._termination, facts, nl, suite=self._env.suite)
-        except WorkerError as exc:
-            verdict = TaskVerdict(
-                task_id=task.id,
-                suite=self._env.suite,
-                category=task.domain,
-                passed=False,
-                reward=0.0,
-                detail={"termination_reason": self._termination, "error": f"environment check failed: {exc}"},
-            )
+        verdict = self._env.judge_conversation(
+            self.task, self._session, self._messages, self._termination, self._judge_endpoint
+        )
+        detail = {"user_simulator": self._user.description, "steps": self._steps, "errors": self._errors}
         self._verdict = TaskVerdict(
             task_id=verdict.task_id,
             suite=verdict.suite,
@@ -432,20 +409,3 @@ class Tau2Episode:
             detail={**verdict.detail, **detail},
         )
         self._release()
-
-    def _env_facts(self) -> EnvFacts:
-        hashes: Mapping[str, Any] = self._env.worker.request("hash", session=self._session)
-        assertions: tuple[bool, ...] = ()
-        if self.task.env_assertions:
-            assertions = tuple(
-                self._env.worker.request(
-                    "assert",
-                    session=self._session,
-                    assertions=[a.to_json() for a in self.task.env_assertions],
-                )
-            )
-        return EnvFacts(
-            predicted_hashes=(hashes["agent"], hashes["user"]),
-            gold_hashes=self._env.gold_hashes(self.task),
-            assertions=assertions,
-        )

@@ -1,46 +1,28 @@
-"""envtune's side of the τ² tool worker: a child process in the OOD extra environment, kept bounded.
+"""envtune's side of the τ² tool worker: ``worker_main.py`` in the OOD extra environment.
 
-``Tau2Worker`` starts ``worker_main.py`` with the extra environment's Python and exchanges JSON lines
-with it, one request at a time (a lock; τ² episode steps are blocking calls). Every request has a
-deadline. A request that runs past it (a tool that never returns, e.g. tau2's ``calculate`` on an
-exponent tower) or a worker that dies gets the process killed and restarted, and every open session is
-rebuilt on the new process by replaying its logged calls (tau2's tools are deterministic, which is also
-what tau2's evaluator relies on when it replays a trajectory); the request that caused it fails with
-``WorkerError``. Replies are bounded in size.
+A ``WorkerProcess`` (deadlines, restarts, session replay; see ``environments/worker_process.py``) whose
+script is tau2's worker and whose Python is the OOD extra environment's (``make setup-ood``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import selectors
-import subprocess
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from envtune.environments.worker_process import (
+    DEFAULT_TIMEOUT_S,
+    WorkerError,
+    WorkerLost,
+    WorkerProcess,
+    WorkerUnavailable,
+)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker_main.py")
 PYTHON_ENV = "ENVTUNE_OOD_PYTHON"
 """Environment variable naming the OOD extra environment's Python (default ``.cache/ood-venv``)."""
-MAX_REPLY_BYTES = 64 * 1024 * 1024
-DEFAULT_TIMEOUT_S = 300.0
-"""Deadline of a request that is not a tool call (a busy 2-core machine can be very slow)."""
-STARTUP_TIMEOUT_S = 600.0
 
-
-class WorkerError(RuntimeError):
-    """The worker failed a request (an error in tau2, a timeout, a crash)."""
-
-
-class WorkerUnavailable(WorkerError):
-    """The OOD extra environment is not installed (``make setup-ood``)."""
-
-
-class WorkerLost(WorkerError):
-    """The worker timed out, died or broke the protocol; it was restarted with its sessions."""
+__all__ = ["PYTHON_ENV", "Tau2Worker", "WorkerError", "WorkerLost", "WorkerUnavailable", "default_python"]
 
 
 def default_python() -> Path:
@@ -50,131 +32,23 @@ def default_python() -> Path:
     return Path(__file__).resolve().parents[2] / ".cache" / "ood-venv" / "bin" / "python"
 
 
-@dataclass
-class _SessionLog:
-    domain: str
-    task_id: str
-    calls: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Tau2Worker:
-    """One worker process and the sessions open on it."""
+class Tau2Worker(WorkerProcess):
+    """The τ² worker process."""
 
     def __init__(self, python: Path | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.python = Path(python) if python is not None else default_python()
-        if not self.python.exists():
-            raise WorkerUnavailable(
-                f"no Python at {self.python}: the τ² suites need the OOD extra environment; run "
-                f"`make setup-ood` or set {PYTHON_ENV}"
-            )
-        self.timeout_s = timeout_s
-        self._lock = threading.RLock()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._buffer = b""
-        self._next_id = 0
-        self._sessions: dict[str, _SessionLog] = {}
-        self.restarts = 0
-        self.info: dict[str, Any] = {}
-
-    # --- process -------------------------------------------------------------------------------
-
-    def _start(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._process = subprocess.Popen(
-            [str(self.python), str(WORKER_SCRIPT)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
+        super().__init__(
+            Path(python) if python is not None else default_python(),
+            WORKER_SCRIPT,
+            timeout_s=timeout_s,
+            missing_hint=(
+                f"the τ² suites need the OOD extra environment; run `make setup-ood` or set {PYTHON_ENV}"
+            ),
         )
-        self._buffer = b""
-        self.info = self._exchange({"op": "hello"}, STARTUP_TIMEOUT_S)
 
-    def _kill(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+    def open_session(self, session: str, domain: str, task_id: str) -> Any:  # type: ignore[override]
+        return super().open_session(session, domain=domain, task_id=task_id)
 
-    def close(self) -> None:
-        with self._lock:
-            if self._process is not None and self._process.stdin is not None:
-                try:
-                    self._process.stdin.close()
-                    self._process.wait(timeout=5)
-                except (OSError, subprocess.TimeoutExpired):
-                    pass
-            self._kill()
-            self._sessions.clear()
-
-    def _exchange(self, request: dict[str, Any], timeout_s: float) -> Any:
-        """Send one request and wait for its reply; raises WorkerError on timeout or death."""
-        process = self._process
-        assert process is not None and process.stdin is not None and process.stdout is not None
-        self._next_id += 1
-        request_id = self._next_id
-        try:
-            process.stdin.write(json.dumps({**request, "id": request_id}).encode() + b"\n")
-            process.stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise WorkerLost(f"the τ² worker is gone ({exc})") from None
-        deadline = time.monotonic() + timeout_s
-        fd = process.stdout.fileno()
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not selector.select(remaining):
-                    raise WorkerLost(
-                        f"the τ² worker did not answer {request['op']!r} within {timeout_s:.0f} s"
-                    )
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    raise WorkerLost(f"the τ² worker exited (code {process.poll()})")
-                self._buffer += chunk
-                if len(self._buffer) > MAX_REPLY_BYTES:
-                    raise WorkerLost(f"the τ² worker's reply exceeds {MAX_REPLY_BYTES} bytes")
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        reply = json.loads(line)
-        if reply.get("id") != request_id:
-            raise WorkerLost(f"the τ² worker answered request {reply.get('id')} instead of {request_id}")
-        if not reply.get("ok"):
-            raise WorkerError(str(reply.get("error")))
-        return reply["result"]
-
-    def _restart(self) -> None:
-        """A fresh process with every open session rebuilt from its log."""
-        self._kill()
-        self.restarts += 1
-        self._start()
-        for session, log in self._sessions.items():
-            self._exchange(
-                {"op": "open", "session": session, "domain": log.domain, "task_id": log.task_id},
-                self.timeout_s,
-            )
-            for call in log.calls:
-                self._exchange({"op": "call", "session": session, **call}, self.timeout_s)
-
-    # --- requests ------------------------------------------------------------------------------
-
-    def request(self, op: str, timeout_s: float | None = None, **payload: Any) -> Any:
-        """One request; a timeout or crash restarts the worker (sessions replayed) and raises."""
-        with self._lock:
-            if self._process is None or self._process.poll() is not None:
-                self._start()
-            try:
-                return self._exchange({"op": op, **payload}, timeout_s or self.timeout_s)
-            except WorkerLost:
-                self._restart()
-                raise
-
-    def open_session(self, session: str, domain: str, task_id: str) -> dict[str, Any]:
-        with self._lock:
-            result = self.request("open", session=session, domain=domain, task_id=task_id)
-            self._sessions[session] = _SessionLog(domain, task_id)
-            return result
-
-    def call(
+    def call(  # type: ignore[override]
         self,
         session: str,
         name: str,
@@ -185,27 +59,13 @@ class Tau2Worker:
         sync: bool = True,
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """Run a tool call in a session; logged for replay once it completed."""
-        call = {
-            "name": name,
-            "arguments": arguments,
-            "requestor": requestor,
-            "call_id": call_id,
-            "sync": sync,
-        }
-        with self._lock:
-            if session not in self._sessions:
-                raise WorkerError(f"no open session {session!r}")
-            result = self.request("call", timeout_s=timeout_s, session=session, **call)
-            self._sessions[session].calls.append(call)
-            return result
-
-    def close_session(self, session: str) -> None:
-        with self._lock:
-            if self._sessions.pop(session, None) is not None and self._process is not None:
-                with contextlib.suppress(WorkerError):  # a lost worker has no session to close
-                    self.request("close", session=session)
-
-    def open_sessions(self) -> int:
-        with self._lock:
-            return len(self._sessions)
+        """Run a tool call through tau2 (``sync=False``: as its evaluator replays gold actions)."""
+        return super().call(
+            session,
+            timeout_s=timeout_s,
+            name=name,
+            arguments=arguments,
+            requestor=requestor,
+            call_id=call_id,
+            sync=sync,
+        )
