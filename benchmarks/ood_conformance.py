@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -318,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         worker.close()
         reference.close()
     out["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
+    # CPU time of this process and its (closed) worker processes: the run's own need on a shared machine.
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["cpu_seconds"] = round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1)
     out["cpus"] = os.cpu_count()
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out))
