@@ -175,3 +175,20 @@ def test_no_snapshot_file_is_ever_written(tmp_path: Path, monkeypatch: pytest.Mo
     run_prerequisites(env, "notetaker")
     assert list(tmp_path.iterdir()) == []
     assert env.snapshot("notetaker")["archival_memory"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/",
+        "http://localhost/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://[::1]/",
+    ],
+)
+def test_live_fetches_never_reach_local_or_private_hosts(url: str) -> None:
+    from envtune.environments.bfcl_v4.search_backends import FetchError, HttpFetcher
+
+    with pytest.raises(FetchError, match="non-public address"):
+        HttpFetcher(timeout_s=1).fetch(url)

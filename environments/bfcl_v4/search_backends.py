@@ -11,14 +11,17 @@ tool (``web_search.py``: BFCL's result shapes, snippets, error texts, injected f
   over the recorded pages), used by tests and offline evaluation.
 - ``RecordingBackend``: wraps a live backend and writes what it saw to a recording file.
 
-Live page fetches go through ``HttpFetcher``: http(s) only (redirects included), a byte limit and a
-timeout, so a hostile URL costs bounded time and memory.
+Live page fetches go through ``HttpFetcher``: http(s) only (redirects included), public addresses only
+(no loopback, private or link-local hosts: a model picks the URLs), a byte limit and a timeout, so a
+hostile URL costs bounded time and memory and reaches nothing local.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -90,27 +93,58 @@ def normalise_query(keywords: str) -> str:
 # --- live fetching -------------------------------------------------------------------------------
 
 
+def check_public_host(url: str) -> None:
+    """Refuse URLs whose host resolves to a loopback, private, link-local or reserved address.
+
+    A model chooses the URLs it fetches; without this a live backend would let it probe the machine
+    and its network (cloud metadata endpoints included). A name that does not resolve is left to the
+    fetch itself (it fails there).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FetchError(f"Invalid URL {url!r}: only http(s) URLs with a host can be fetched")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, None)
+    except (socket.gaierror, UnicodeError):
+        return
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not address.is_global:
+            raise FetchError(f"Refused to fetch {url}: {parts.hostname} is a non-public address ({address})")
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     max_redirections = 5
+
+    def __init__(self, allow_private: bool) -> None:
+        super().__init__()
+        self.allow_private = allow_private
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
         if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
             raise FetchError(f"Refused redirect from {req.full_url} to a non-http(s) URL")
+        if not self.allow_private:
+            check_public_host(newurl)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class HttpFetcher:
-    """GET an http(s) URL with a timeout and a byte limit."""
+    """GET a public http(s) URL with a timeout and a byte limit (``allow_private`` for local tests)."""
 
-    def __init__(self, timeout_s: float = 20.0, max_bytes: int = MAX_PAGE_BYTES) -> None:
+    def __init__(
+        self, timeout_s: float = 20.0, max_bytes: int = MAX_PAGE_BYTES, *, allow_private: bool = False
+    ) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
-        self._opener = urllib.request.build_opener(_HttpOnlyRedirects())
+        self.allow_private = allow_private
+        self._opener = urllib.request.build_opener(_HttpOnlyRedirects(allow_private))
 
     def fetch(self, url: str) -> Page:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchError(f"Invalid URL {url!r}: only http(s) URLs with a host can be fetched")
+        if not self.allow_private:
+            check_public_host(url)
         request = urllib.request.Request(url, headers=_BROWSER_HEADERS)
         try:
             with self._opener.open(request, timeout=self.timeout_s) as response:

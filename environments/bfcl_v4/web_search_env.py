@@ -97,4 +97,7 @@ class WebSearchEnvironment:
         )
 
     def close(self) -> None:
-        """Nothing to release (a recording backend saves on its own ``save``)."""
+        """Write the recording when the backend records (nothing else to release)."""
+        save = getattr(self.backend, "save", None)
+        if callable(save):
+            save()
