@@ -15,9 +15,12 @@
      gold actions into two fresh environments). "cold" recomputes envtune's gold state for every
      conversation (equal work); "warm" reuses the per-task gold cache as an evaluation run does.
 
+6. With ``--acebench PATH`` (an ACEBench checkout): milestone replays and perturbations judged by
+   envtune and by the checkout's own ``agent_checker``.
+
 Prints progress, then one JSON line. Needs ``make setup`` and ``make setup-ood``.
 
-    python benchmarks/ood_conformance.py [--quick] [--repeats 3] [--seed 0] [--split base]
+    python benchmarks/ood_conformance.py [--quick] [--repeats 3] [--seed 0] [--split base] [--acebench PATH]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from envtune.environments.bfcl_v4 import MemoryEnvironment, WebSearchEnvironment, check_answer
@@ -279,6 +283,32 @@ def tau2_judge_throughput(
     }
 
 
+def acebench_agreement(root: Path, seed: int) -> dict[str, Any]:
+    """envtune's end-state verdicts vs the checkout's own ``agent_checker`` (milestone replays)."""
+    from envtune.environments.acebench import AceBenchEnvironment
+    from envtune.environments.acebench import conformance as ace
+
+    env = AceBenchEnvironment(root)
+    try:
+        items = list(ace.agreements(env, seed=seed))
+    finally:
+        env.close()
+    runs = [a for a in items if not isinstance(a, str)]
+    truth = [a for a in runs if a.plan.kind == "ground_truth"]
+    log(
+        f"acebench: {len(env.task_map)} tasks, {len(runs)} runs, agreement "
+        f"{sum(a.agree for a in runs) / len(runs):.4f}; "
+        f"{len(items) - len(runs)} tasks with unparseable milestones"
+    )
+    return {
+        "acebench_tasks": len(env.task_map),
+        "acebench_replayed_tasks": len(truth),
+        "acebench_runs": len(runs),
+        "acebench_agreement": sum(a.agree for a in runs) / len(runs),
+        "acebench_milestone_replay_reaches_ground_truth": sum(a.envtune_pass for a in truth),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -289,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 3 quick, 5 full)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="base", help="tau2 split (base or test)")
+    parser.add_argument(
+        "--acebench", type=Path, default=None, help="an ACEBench checkout: also check ACEBench"
+    )
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 5)
     started = time.perf_counter()
@@ -318,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         worker.close()
         reference.close()
+    if args.acebench is not None:
+        out.update(acebench_agreement(args.acebench, args.seed))
     out["load_average"] = {"start": list(load_start), "end": list(os.getloadavg())}
     # CPU time of this process and its (closed) worker processes: the run's own need on a shared machine.
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
