@@ -42,7 +42,6 @@ from .lora import LoraSettings, adapter_state, attach_lora, load_adapter_state, 
 from .lora import trainable_parameters as lora_parameters
 from .losses import LossConfig, LossStats, policy_loss
 from .packing import (
-    DEFAULT_LOGITS_CHUNK_ELEMENTS,
     Batching,
     ModelBatch,
     build_batch,
@@ -117,7 +116,7 @@ class LearnerConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     """Adapter shape (used only when the model is not already a peft model)."""
     # --- issue 10 (optim): new fields ---------------------------------------------------------------
-    logits_chunk_elements: int = DEFAULT_LOGITS_CHUNK_ELEMENTS
+    logits_chunk_elements: int = 1 << 26  # = packing.DEFAULT_LOGITS_CHUNK_ELEMENTS (stdlib-only config)
     """Most fp32 logits held at once when computing logprobs and entropies (the LM head runs over
     chunks of ``logits_chunk_elements // vocab`` tokens; default 64M = 256 MiB, 441 tokens at a 152k
     vocabulary, whole micro-batches at small vocabularies). 0 computes full-vocabulary logits for the

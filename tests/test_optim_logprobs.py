@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import xgrammar
-from envtune.optim import Batching, build_batch, enable_packed_attention, token_logprobs
+from envtune.optim import (
+    DEFAULT_LOGITS_CHUNK_ELEMENTS,
+    Batching,
+    LearnerConfig,
+    build_batch,
+    enable_packed_attention,
+    token_logprobs,
+)
 from envtune.optim.logprobs import (
     bitmask_words,
     check_masks,
@@ -188,6 +195,13 @@ def test_token_logprobs_chunked_equals_full_logits(batching: Batching, masked: b
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
         assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
     assert full[0].shape == batch.target_ids.shape
+
+
+def test_learner_default_budget_is_the_packing_default() -> None:
+    # LearnerConfig spells the number out (its module stays free of torch); they must not drift.
+    assert LearnerConfig().logits_chunk_elements == DEFAULT_LOGITS_CHUNK_ELEMENTS
+    with pytest.raises(ValueError, match="logits_chunk_elements"):
+        LearnerConfig(logits_chunk_elements=-1)
 
 
 def test_with_masks_refuses_misaligned_rows() -> None:
