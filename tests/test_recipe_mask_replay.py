@@ -36,7 +36,7 @@ from envtune.runtime.recipe.mask_replay import MaskReplayer, ReplayError, loss_r
 from envtune.runtime.tiny_model import build_tiny_model, default_tiny_model_dir
 from transformers import AutoModelForCausalLM
 
-TASKS = ("multi_turn_base_0", "multi_turn_base_1", "multi_turn_base_2")
+TASKS = ("multi_turn_base_0", "multi_turn_base_1")
 TOLERANCE = 1e-4
 """What the issue asks: engine and learner logprobs agree to 1e-4 (measured: ~1e-6)."""
 
@@ -111,7 +111,7 @@ Episodes = tuple[float, list[Trajectory], list[list[Constraint | None]]]
 
 @pytest.fixture(scope="module", params=[1.0, 0.7], ids=["T1", "T0.7"])
 def episodes(request: pytest.FixtureRequest, engine: EmbeddedEngine) -> Episodes:
-    """Three constrained BFCL episodes at this temperature, and each reply's constraint."""
+    """Two constrained BFCL episodes at this temperature, and each reply's constraint."""
     temperature = request.param
     return (temperature, *asyncio.run(constrained_episodes(engine, temperature, seed=11)))
 
@@ -137,7 +137,7 @@ def test_masked_learner_logprobs_equal_the_engine_behaviour_logprobs(
     unmasked_diff = max(float((a - b).abs().max()) for a, b in zip(unmasked, behaviour, strict=True))
     tokens = sum(len(b) for b in behaviour)
     print(f"T={temperature} tokens={tokens} masked max diff={masked_diff:.3g} unmasked={unmasked_diff:.3g}")
-    assert tokens > 100, tokens
+    assert tokens > 400, tokens
     assert masked_diff < TOLERANCE, (masked_diff, unmasked_diff, tokens)
     assert unmasked_diff > 0.5  # what the learner computed before the replay (the grammar matters here)
 
