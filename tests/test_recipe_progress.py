@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +208,22 @@ def test_library_warnings_are_shown_once(tty: tuple[Console, io.StringIO]) -> No
     assert sum("step-specific 0" in line for line in lines) == 1
     assert sum("step-specific 1" in line for line in lines) == 1
     assert all("[test_recipe_progress.py:" in line for line in lines)
+
+
+def test_a_library_stderr_handler_prints_each_line_once(tty: tuple[Console, io.StringIO]) -> None:
+    """transformers keeps a stderr handler of its own; with its propagation on (anything may turn it
+    on), each of its lines used to be printed twice above the bar, once unformatted."""
+    console, buffer = tty
+    library = logging.getLogger("a_library")
+    library.addHandler(logging.StreamHandler(sys.stderr))
+    library.propagate = True
+    try:
+        configure_logging("info", console=console, colors=False)
+        with RunProgress(2, 4, console=console) as progress:
+            library.warning("one library line")
+            progress._progress.refresh()  # type: ignore[union-attr]
+        screen = [line for line in terminal_screen(buffer.getvalue(), 120) if "one library line" in line]
+        assert len(screen) == 1 and "warning" in screen[0]
+        assert library.handlers == []
+    finally:
+        library.handlers.clear()

@@ -210,6 +210,7 @@ def configure_logging(
             handler.close()
     for handler in handlers:
         root.addHandler(handler)
+    _adopt_library_stderr_handlers()
     lowest = min(h.level for h in handlers)
     root.setLevel(lowest)
     structlog.configure(
@@ -220,6 +221,24 @@ def configure_logging(
     )
     show_warnings_once()
     return console
+
+
+def _adopt_library_stderr_handlers() -> None:
+    """Libraries that print to stderr through their own handler (transformers does) are routed to the
+    root handlers instead: one formatted console line each, and a copy in the JSON file. Left alone,
+    such a logger prints unformatted, and twice once anything turns its propagation on."""
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        own = [
+            h
+            for h in logger.handlers
+            if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)
+        ]
+        for handler in own:
+            logger.removeHandler(handler)
+        if own:
+            logger.propagate = True
 
 
 def _one_line_warning(
