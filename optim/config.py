@@ -45,6 +45,21 @@ class Batching(enum.StrEnum):
     """Right-padded rows with an attention mask (baseline)."""
 
 
+class KlReference(enum.StrEnum):
+    """Which policy the KL term anchors to."""
+
+    BASE = "base"
+    """The base model (adapter disabled) in every stage."""
+    STAGE_START = "stage_start"
+    """The adapter as it was at the last ``Learner.snapshot_reference()`` (taken at construction, and
+    by the runtime at each stage promotion): each stage is anchored to the policy it started from."""
+
+
+DEFAULT_LOGITS_CHUNK_ELEMENTS = 1 << 26
+"""fp32 logits per chunk (256 MiB): 441 tokens at Qwen's 152k vocabulary; a whole micro-batch at small
+vocabularies (then nothing is recomputed in the backward pass and the speed is the unchunked one)."""
+
+
 @dataclass(frozen=True, slots=True)
 class LossConfig:
     """The clipped, off-policy-corrected policy-gradient loss (docs/method.md §7.3-§7.5)."""
@@ -153,6 +168,16 @@ class LearnerConfig:
     """Advantage normalisation."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """The adapter (used only when the model is not already a peft model)."""
+    logits_chunk_elements: int = DEFAULT_LOGITS_CHUNK_ELEMENTS
+    """Most fp32 logits held at once when computing logprobs and entropies (the LM head runs over
+    chunks of ``logits_chunk_elements // vocab`` tokens; default 64M = 256 MiB, 441 tokens at a 152k
+    vocabulary, whole micro-batches at small vocabularies). 0 computes full-vocabulary logits for the
+    whole micro-batch: about 20 GB per 8k tokens at 152k (``benchmarks/learner_memory.py``)."""
+    kl_reference: KlReference = KlReference.STAGE_START
+    """The KL anchor. ``stage_start`` (default): the adapter at the last ``snapshot_reference()``, which
+    the runtime calls at each promotion, as the paper's per-stage runs restart from the previous
+    checkpoint with a KL to that run's initial policy. ``base``: the base model in every stage, which
+    pulls later stages back toward the untrained model. Same cost: one extra copy of the adapter."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -165,3 +190,5 @@ class LearnerConfig:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.micro_batch_tokens < 1 or self.updates_per_step < 1:
             raise ValueError("micro_batch_tokens and updates_per_step must be >= 1")
+        if self.logits_chunk_elements < 0:
+            raise ValueError(f"logits_chunk_elements must be >= 0, got {self.logits_chunk_elements}")
