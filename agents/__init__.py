@@ -25,7 +25,7 @@ from envtune.agents.grammar import (
     reply_grammar,
     tool_calls_json_schema,
 )
-from envtune.agents.trajectory import Trajectory
+from envtune.agents.trajectory import ConstraintSpan, Trajectory
 
 __all__ = [
     "AgentConfig",
@@ -44,6 +44,7 @@ __all__ = [
     "SamplingConfig",
     "SamplingParams",
     "SchemaError",
+    "ConstraintSpan",
     "Trajectory",
     "WeightSync",
     "bfcl_to_json_schema",

@@ -160,6 +160,12 @@ def test_cpu_preset_is_small_and_valid() -> None:
         (["sampling.temperature=0"], "training needs temperature > 0"),
         (["sampling.top_k=50"], "training needs"),
         (["sampling.max_think_chars=-1"], "max_think_chars must be >= 0"),
+        (
+            ["curriculum.stages.1.constrained=true", "curriculum.stages.1.learner_masks=unconstrained_target"],
+            "grammar-constrained samples cannot teach",
+        ),
+        (["curriculum.stages.2.promotion.plateau_patience=-1"], "plateau_patience must be >= 0"),
+        (["curriculum.stages.4.promotion.plateau_patience=2"], "the plateau rule needs a metric"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
@@ -225,6 +231,9 @@ def test_run_keys_cover_the_stage_array() -> None:
 def test_eval_config_defaults_are_bfcl_conditions() -> None:
     config = EvalConfig()
     assert config.sampling.temperature == 0.0
+    # Evaluation samples nothing to train on: greedy and truncated sampling stay allowed there.
+    truncated = config_io.with_overrides(config, ["sampling.top_p=0.9", "sampling.top_k=20"])
+    assert (truncated.sampling.top_p, truncated.sampling.top_k, truncated.sampling.temperature) == (0.9, 20, 0.0)
     assert config.conditions.episode.feedback is FeedbackMode.STANDARD
     assert config.conditions.episode.max_steps_per_turn == 20
     assert config.tasks.split == "test"

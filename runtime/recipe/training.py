@@ -77,6 +77,13 @@ async def train(
     model = await asyncio.to_thread(load_policy_model, model_path)
     # The learner divides logits by the rollout temperature to match the behaviour logprobs.
     learner = Learner(model, config.learner, temperature=config.sampling.temperature)
+    masks = None
+    if any(stage.constrained for stage in config.curriculum.stages):
+        from envtune.runtime.recipe.learner_masks import BatchMasks
+
+        # Constrained stages train the constrained policy (learner_masks = "replay"): the learner
+        # replays each reply's grammar masks, so its logprobs are the engine's behaviour logprobs.
+        masks = await asyncio.to_thread(BatchMasks.for_model, model, tokenizer)
     start_step = 0
     if checkpoint is not None:
         await asyncio.to_thread(restore, learner, scheduler, checkpoint.path, checkpoint.state)
@@ -107,6 +114,7 @@ async def train(
             constraints=constraints,
         ),
         on_step=on_step,
+        masks=masks,
         start_step=start_step,
     )
     source = CurriculumTaskSource(scheduler)
