@@ -199,7 +199,8 @@ async def test_requests_stop_at_end_of_turn_and_carry_the_turns_constraint(chat:
 
 async def test_each_reply_records_the_constraint_it_was_sampled_under(chat: ChatTokenizer) -> None:
     engine = ScriptedEngine(chat, list(SCRIPT))
-    traj = await run_episode(engine, FakeEpisode(), chat, AgentConfig(constrained=True), task_id="t", group_id="g")
+    config = AgentConfig(constrained=True)
+    traj = await run_episode(engine, FakeEpisode(), chat, config, task_id="t", group_id="g")
     # One span per reply, exactly over its sampled ids, holding the very constraint of its request.
     runs, start = [], None
     for i, sampled in enumerate([*traj.loss_mask, False]):

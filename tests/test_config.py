@@ -161,7 +161,10 @@ def test_cpu_preset_is_small_and_valid() -> None:
         (["sampling.top_k=50"], "training needs"),
         (["sampling.max_think_chars=-1"], "max_think_chars must be >= 0"),
         (
-            ["curriculum.stages.1.constrained=true", "curriculum.stages.1.learner_masks=unconstrained_target"],
+            [
+                "curriculum.stages.1.constrained=true",
+                "curriculum.stages.1.learner_masks=unconstrained_target",
+            ],
             "grammar-constrained samples cannot teach",
         ),
         (["curriculum.stages.2.promotion.plateau_patience=-1"], "plateau_patience must be >= 0"),
@@ -233,7 +236,8 @@ def test_eval_config_defaults_are_bfcl_conditions() -> None:
     assert config.sampling.temperature == 0.0
     # Evaluation samples nothing to train on: greedy and truncated sampling stay allowed there.
     truncated = config_io.with_overrides(config, ["sampling.top_p=0.9", "sampling.top_k=20"])
-    assert (truncated.sampling.top_p, truncated.sampling.top_k, truncated.sampling.temperature) == (0.9, 20, 0.0)
+    sampling = truncated.sampling
+    assert (sampling.top_p, sampling.top_k, sampling.temperature) == (0.9, 20, 0.0)
     assert config.conditions.episode.feedback is FeedbackMode.STANDARD
     assert config.conditions.episode.max_steps_per_turn == 20
     assert config.tasks.split == "test"

@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-from envtune.agents import AgentConfig, ChatTokenizer, ConstraintCache, ConstraintSpan, Trajectory, run_episode
+from envtune.agents import (
+    AgentConfig,
+    ChatTokenizer,
+    ConstraintCache,
+    ConstraintSpan,
+    Trajectory,
+    run_episode,
+)
 from envtune.agents.config import SamplingConfig
 from envtune.agents.grammar import GrammarOptions
 from envtune.environments.episode import BfclEnvironment, EpisodeConfig
@@ -37,8 +44,11 @@ TOLERANCE = 1e-4
 async def constrained_episodes(model_dir: Path, temperature: float) -> list[Trajectory]:
     env = BfclEnvironment()
     cache = ConstraintCache(options=GrammarOptions(max_think_chars=16))
-    sampling = SamplingConfig(temperature=temperature, max_new_tokens=96, max_episode_tokens=16384, max_replies=6)
-    async with await EmbeddedEngine.open(model_dir, EmbeddedEngineConfig(device="cpu", max_batch_rows=8)) as engine:
+    sampling = SamplingConfig(
+        temperature=temperature, max_new_tokens=96, max_episode_tokens=16384, max_replies=6
+    )
+    settings = EmbeddedEngineConfig(device="cpu", max_batch_rows=8)
+    async with await EmbeddedEngine.open(model_dir, settings) as engine:
         chat = ChatTokenizer(engine.tokenizer)
         async with asyncio.TaskGroup() as tg:
             tasks = [

@@ -299,10 +299,16 @@ class RunConfig:
     """Trajectories written per sampled step."""
     progress_bar: bool = True
     """Show a progress line on stderr."""
+    no_progress_timeout_s: float = 3600.0
+    """Fail the run (non-zero exit, checkpoint, report) when no learner step completes for this
+    long (0 = never): a run that cannot progress, e.g. an engine that stopped answering, says so
+    instead of hanging. Generous by default: a step with validation may take many minutes on a GPU."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.checkpoint_every < 0 or self.sample_trajectories_every < 0:
             raise ValueError("max_steps, checkpoint_every and sample_trajectories_every must be >= 0")
+        if not self.no_progress_timeout_s >= 0:
+            raise ValueError(f"no_progress_timeout_s must be >= 0, got {self.no_progress_timeout_s}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 

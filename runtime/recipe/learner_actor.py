@@ -215,6 +215,8 @@ class LearnerActor(Actor[TrajectoryGroup]):
             "rollout/episodes_completed": float(stats.episodes_completed),
             "rollout/episodes_dropped": float(stats.episodes_dropped),
             "rollout/in_flight": float(stats.in_flight),
+            "rollout/episodes_aborted": float(stats.episodes_aborted),
+            "rollout/tokens_saved_estimate": stats.tokens_saved_estimate,
         }
 
     def _write_samples(self, trajectories: Sequence[Trajectory]) -> None:

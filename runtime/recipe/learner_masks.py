@@ -38,7 +38,8 @@ def reply_constraints(trajectory: Trajectory) -> list[Constraint | None]:
         out.append(span.constraint if span is not None else None)
     if by_start:
         raise ReplayError(
-            f"{trajectory.task_id}/{trajectory.group_id}: constraint spans at {sorted(by_start)} start no reply"
+            f"{trajectory.task_id}/{trajectory.group_id}: constraint spans at {sorted(by_start)} "
+            "start no reply"
         )
     return out
 

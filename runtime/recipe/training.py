@@ -18,16 +18,22 @@ from typing import Any
 import structlog
 from envtune.agents.chat_tokens import ChatTokenizer
 from envtune.agents.engine import Engine, WeightSync
-from envtune.agents.grammar import ConstraintCache, GrammarOptions
+from envtune.agents.grammar import ConstraintCache
 from envtune.environments.episode import BfclEnvironment
 from envtune.runtime.metrics import MetricsRecorder
 from envtune.runtime.recipe.config import Config
 from envtune.runtime.recipe.curriculum import CurriculumScheduler
-from envtune.runtime.recipe.episodes import CurriculumEpisodes, CurriculumTaskSource, make_validator
+from envtune.runtime.recipe.episodes import (
+    CurriculumEpisodes,
+    CurriculumTaskSource,
+    GroupAdapters,
+    make_validator,
+)
 from envtune.runtime.recipe.learner_actor import LearnerActor, restore
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder
 from envtune.runtime.rollout import RolloutActor
 from envtune.runtime.supervisor import Supervisor
+from envtune.runtime.watchdog import NoProgressError, ProgressWatchdog
 from envtune.runtime.weight_sync import AdapterPublisher
 
 log = structlog.get_logger(__name__)
@@ -92,8 +98,7 @@ async def train(
     publisher = AdapterPublisher(folder.path / "adapters", [weight_sync])
     if learner.policy_version > 0:
         await publisher.publish(learner)
-    think = config.sampling.max_think_chars
-    constraints = ConstraintCache(options=GrammarOptions(max_think_chars=think or None))
+    constraints = ConstraintCache(options=config.sampling.grammar_options())
     concurrency = config.rollout.max_concurrent_episodes
     learner_actor = LearnerActor(
         learner,
@@ -121,12 +126,14 @@ async def train(
     if scheduler.finished or (config.run.max_steps and start_step >= config.run.max_steps):
         log.info("nothing_to_do", step=start_step)
         return start_step
+    pins = GroupAdapters(publisher)  # one adapter version per GRPO group, held until it ends
     rollout = RolloutActor(
         config.rollout,
         source,
-        CurriculumEpisodes(engine, env, chat, publisher, config.sampling, constraints),
+        CurriculumEpisodes(engine, env, chat, publisher, config.sampling, constraints, pins),
         learner_actor,
         policy_version=learner.policy_version,
+        pins=pins,
     )
     learner_actor.connect(rollout, source)
     recorder = MetricsRecorder(
@@ -139,14 +146,56 @@ async def train(
     )
     supervisor = Supervisor([rollout, learner_actor, recorder], stop_timeout_s=LEARNER_STOP_TIMEOUT_S)
 
+    timeout_s = config.run.no_progress_timeout_s
+    await run_actors(supervisor, learner_actor, rollout, folder, stop, no_progress_timeout_s=timeout_s)
+    return learner_actor.step
+
+
+async def run_actors(
+    supervisor: Supervisor,
+    learner_actor: LearnerActor,
+    rollout: RolloutActor,
+    folder: RunFolder,
+    stop: asyncio.Event,
+    *,
+    no_progress_timeout_s: float,
+) -> None:
+    """Run the supervised actors until the learner is done, ``stop`` is set, or no learner step
+    completes for ``no_progress_timeout_s`` (0 = never): then ``NoProgressError`` is raised after
+    the orderly stop (the learner checkpoints on its way out) and a ``run_failed`` event is logged."""
+
+    def describe() -> str:
+        r = rollout.statistics()
+        return (
+            f"step {learner_actor.step}, stage {learner_actor.scheduler.stage}; rollout: "
+            f"{r.episodes_running} episodes running, {r.in_flight} in flight, gate admits "
+            f"{r.admission_capacity}, dispatching {r.dispatching}; learner queue "
+            f"{learner_actor.mailbox.statistics().depth} groups"
+        )
+
     async def until_done_or_stopped() -> None:
-        async with asyncio.TaskGroup() as group:
-            waiters = {group.create_task(learner_actor.done.wait()), group.create_task(stop.wait())}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()  # the other one: a cancelled child ends the group quietly
+        try:
+            async with asyncio.TaskGroup() as group:
+                waiters = {group.create_task(learner_actor.done.wait()), group.create_task(stop.wait())}
+                if no_progress_timeout_s:
+                    watchdog = ProgressWatchdog(
+                        no_progress_timeout_s, lambda: learner_actor.step, describe, what="learner step"
+                    )
+                    waiters.add(group.create_task(watchdog.run()))
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()  # the others: a cancelled child ends the group quietly
+        except* NoProgressError as stalled:
+            error = stalled.exceptions[0]
+            log.error("training_stalled", error=str(error))
+            event = {"event": "run_failed", "step": learner_actor.step, "reason": "no_progress"}
+            folder.append_metrics({**event, "message": str(error)})
+            learner_actor.finish("no progress")
+            raise error from None
         if stop.is_set():
             learner_actor.finish("stop requested")
 
-    await supervisor.run(until_done_or_stopped())
-    return learner_actor.step
+    try:
+        await supervisor.run(until_done_or_stopped())
+    except* NoProgressError as stalled:  # the supervisor's TaskGroup wraps it; the caller wants it bare
+        raise stalled.exceptions[0] from None
