@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from envtune.agents.engine import SamplingParams
-from envtune.agents.grammar import GrammarOptions
 from envtune.environments.types import RewardKind
 
 
@@ -33,16 +32,8 @@ class SamplingConfig:
     max_replies: int = 100
     """Cap on model replies per episode (the release's ``multi_turn.max_turns``); the environment's
     per-turn step limit normally ends episodes long before."""
-    max_think_chars: int = 0
-    """Bound on the ``<think>`` text when decoding under the reply grammar; 0 = unbounded. A
-    random-weight model rarely closes its think block on its own, so the CPU preset bounds it."""
     stop_token_ids: tuple[int, ...] = ()
     """Extra stop tokens; the chat template's end-of-turn token is always one."""
-    compact_grammar: bool = False
-    """Under the reply grammar: no free whitespace (one JSON spacing) and object keys in schema order.
-    The grammar then admits only replies that parse (in any-order mode xgrammar 0.2.8 lets a key
-    repeat), and a small model's tokens go to choices, not padding; a real model loses nothing it
-    needs. Off by default: the paper samples unconstrained."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -55,16 +46,6 @@ class SamplingConfig:
             raise ValueError(f"max_episode_tokens must be >= 2, got {self.max_episode_tokens}")
         if self.max_replies < 1:
             raise ValueError(f"max_replies must be >= 1, got {self.max_replies}")
-        if self.max_think_chars < 0:
-            raise ValueError(f"max_think_chars must be >= 0, got {self.max_think_chars}")
-
-    def grammar_options(self) -> GrammarOptions:
-        """The reply grammar's options for these settings (``agents.grammar``)."""
-        return GrammarOptions(
-            max_think_chars=self.max_think_chars or None,
-            any_whitespace=not self.compact_grammar,
-            any_order=not self.compact_grammar,
-        )
 
     def request_params(
         self, max_new_tokens: int, stop_token_ids: tuple[int, ...], seed: int | None = None

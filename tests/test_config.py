@@ -159,7 +159,8 @@ def test_cpu_preset_is_small_and_valid() -> None:
         (["sampling.top_p=0.9"], "training needs temperature > 0, top_p = 1 and top_k = -1"),
         (["sampling.temperature=0"], "training needs temperature > 0"),
         (["sampling.top_k=50"], "training needs"),
-        (["sampling.max_think_chars=-1"], "max_think_chars must be >= 0"),
+        (["grammar.max_think_chars=-1"], "max_think_chars must be >= 0 or None"),
+        (["grammar.max_calls=9"], "max_calls must be in [1, "),
         (
             [
                 "curriculum.stages.1.constrained=true",

@@ -358,7 +358,11 @@ def test_groups_that_age_out_are_dropped_and_give_capacity_back(abort_stale: boo
     async def main() -> None:
         runner = FakeRunner(make_engine())
         config = RolloutConfig(
-            max_concurrent_episodes=8, group_size=2, max_staleness=1, groups_per_step=1, abort_stale=abort_stale
+            max_concurrent_episodes=8,
+            group_size=2,
+            max_staleness=1,
+            groups_per_step=1,
+            abort_stale=abort_stale,
         )
         sink: Mailbox[TrajectoryGroup] = Mailbox("trajectories", 10)
         # t3 takes 4 calls (5.2 s); the version jumps by 2 while it runs.

@@ -183,10 +183,10 @@ async def test_a_cancelled_generate_is_aborted_on_the_server(
 
     @web.middleware
     async def record_aborts(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path == "/abort_request" and "rid" in (body := await request.json()):
-            if isinstance(body["rid"], str):  # what the client sends: SGLang's decoder accepts it
-                contract.AbortRequest.from_json_value(body)
-                aborts.append(body)
+        body = await request.json() if request.path == "/abort_request" else {}
+        if isinstance(body.get("rid"), str):  # what the client sends: SGLang's decoder accepts it
+            contract.AbortRequest.from_json_value(body)
+            aborts.append(body)
         response: web.StreamResponse = await handler(request)
         return response
 

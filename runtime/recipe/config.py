@@ -2,7 +2,8 @@
 (``envtune-eval``) and ``ServeConfig`` (``envtune-serve``).
 
 Each is a tree of frozen dataclasses with a default and a docstring per field, and each component
-takes its own section unchanged: ``sampling`` is ``agents.SamplingConfig``, ``rollout`` is
+takes its own section unchanged: ``sampling`` is ``agents.SamplingConfig``, ``grammar`` is
+``agents.GrammarOptions``, ``rollout`` is
 ``runtime.rollout.RolloutConfig``, ``learner`` is ``optim.LearnerConfig``, a stage's ``episode`` is
 ``environments.EpisodeConfig``, ``engine.embedded``/``engine.sglang`` are the engines' settings. So
 every knob is declared once. The dataclass defaults ARE the paper preset (docs/method.md §2, §7.8;
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from envtune.agents.config import SamplingConfig
+from envtune.agents.grammar import GrammarOptions
 from envtune.environments.episode import EVAL_MAX_STEPS_PER_TURN, EpisodeConfig
 from envtune.environments.tasks import CATEGORIES
 from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
@@ -161,8 +163,10 @@ class StageConfig:
     """BFCL categories of the stage's tasks."""
     max_tasks: int = 0
     """Keep at most this many tasks (0 = all), picked by ``selection``."""
-    selection: Literal["random", "easiest"] = "random"
-    """Which tasks ``max_tasks`` keeps: a seeded random subset, or the fewest ground-truth calls."""
+    selection: Literal["random", "easiest", "shortest"] = "random"
+    """Which tasks ``max_tasks`` keeps: a seeded random subset, the fewest ground-truth calls
+    (``easiest``), or the shortest prompts (``shortest``: fewest characters of function docs and user
+    questions, the cheapest episodes when compute is the limit, e.g. on a CPU)."""
     constrained: bool = False
     """Grammar-constrained decoding of the reply format."""
     learner_masks: Literal["replay", "unconstrained_target"] = "replay"
@@ -335,6 +339,9 @@ class Config:
     """The inference backend."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling of training rollouts (verl's defaults; the release sets none) and episode length caps."""
+    grammar: GrammarOptions = field(default_factory=GrammarOptions)
+    """The reply grammar of stages with ``constrained = true`` (and of their validation); the
+    defaults allow the whole paper format."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout production: GRPO groups, concurrency, the staleness bound."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)

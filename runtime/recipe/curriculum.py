@@ -20,6 +20,7 @@ checked when the scheduler is built and again at every dispatch.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import statistics
@@ -31,7 +32,7 @@ from typing import Any, Literal
 import structlog
 from envtune.agents.trajectory import Trajectory
 from envtune.environments.episode import EpisodeConfig
-from envtune.environments.tasks import Split, Task, load_split, load_tasks
+from envtune.environments.tasks import Split, Task, load_function_docs, load_split, load_tasks
 from envtune.environments.types import RewardKind
 from envtune.optim.advantages import is_zero_variance
 from envtune.runtime.recipe.config import CurriculumConfig, PromotionConfig, StageConfig
@@ -238,6 +239,18 @@ def stage_pool(stage: StageConfig, split: Split, tasks: Mapping[str, Task], seed
                 return (sum(len(turn) for turn in task.ground_truth), task.num_turns, task_id)
 
             ids = sorted(ids, key=difficulty)[: stage.max_tasks]
+        elif stage.selection == "shortest":
+            docs_chars: dict[str, int] = {}
+            for doc in load_function_docs().values():
+                chars = len(json.dumps(doc.to_json()))
+                docs_chars[doc.class_name] = docs_chars.get(doc.class_name, 0) + chars
+
+            def length(task_id: str) -> tuple[int, str]:
+                task = tasks[task_id]
+                questions = sum(len(q) for turn in task.questions for q in turn)
+                return (sum(docs_chars.get(c, 0) for c in task.involved_classes) + questions, task_id)
+
+            ids = sorted(ids, key=length)[: stage.max_tasks]
         else:
             ids = sorted(ids, key=lambda i: _rank(seed, f"select:{stage.name}", i))[: stage.max_tasks]
     if not ids:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 from envtune.agents.chat_tokens import ChatTokenizer
 from envtune.agents.config import AgentConfig, SamplingConfig
@@ -23,11 +23,18 @@ from envtune.agents.engine import Engine
 from envtune.agents.episode_loop import run_episode
 from envtune.agents.grammar import ConstraintCache
 from envtune.agents.trajectory import Trajectory
-from envtune.environments.episode import BfclEnvironment
+from envtune.environments.episode import BfclEnvironment, EpisodeConfig
 from envtune.runtime.recipe.config import EvalConditions
 from envtune.runtime.recipe.curriculum import CurriculumScheduler, CurriculumTask
 from envtune.runtime.recipe.evaluation import evaluate_tasks, summarize
 from envtune.runtime.weight_sync import AdapterPublisher, PublishedAdapter
+
+
+class EpisodeSource(Protocol):
+    """Makes the episode of a task under a stage's conditions (``BfclEnvironment``; a toy one in
+    tests): ``start``, ``step``, ``visible_tools``, ``score`` and ``close`` of ``environments.Episode``."""
+
+    def make_episode(self, task_id: str, config: EpisodeConfig) -> Any: ...
 
 
 class CurriculumTaskSource:
@@ -78,7 +85,7 @@ class CurriculumEpisodes:
     def __init__(
         self,
         engine: Engine,
-        env: BfclEnvironment,
+        env: EpisodeSource,
         chat: ChatTokenizer,
         publisher: AdapterPublisher,
         sampling: SamplingConfig,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from envtune.agents.chat_tokens import ChatTokenizer
@@ -26,6 +26,7 @@ from envtune.runtime.recipe.curriculum import CurriculumScheduler
 from envtune.runtime.recipe.episodes import (
     CurriculumEpisodes,
     CurriculumTaskSource,
+    EpisodeSource,
     GroupAdapters,
     make_validator,
 )
@@ -35,6 +36,9 @@ from envtune.runtime.rollout import RolloutActor
 from envtune.runtime.supervisor import Supervisor
 from envtune.runtime.watchdog import NoProgressError, ProgressWatchdog
 from envtune.runtime.weight_sync import AdapterPublisher
+
+if TYPE_CHECKING:
+    from envtune.optim.learner import Learner
 
 log = structlog.get_logger(__name__)
 
@@ -65,24 +69,31 @@ async def train(
     checkpoint: Checkpoint | None = None,
     stop: asyncio.Event | None = None,
     on_step: Callable[[Mapping[str, Any]], None] | None = None,
+    env: EpisodeSource | None = None,
+    scheduler: CurriculumScheduler | None = None,
+    wrap_learner: Callable[[Learner], Learner] | None = None,
 ) -> int:
     """Run the curriculum into ``folder`` until it ends, the step budget ends or ``stop`` is set.
 
     ``engine`` samples the episodes, ``weight_sync`` receives every published adapter (usually the
     same SGLang client). Returns the number of learner steps completed (including those before a
-    resume).
+    resume). ``env``, ``scheduler`` and ``wrap_learner`` replace parts for tests and benchmarks (a
+    toy environment and its curriculum, a control arm's learner); a run leaves them None.
     """
     from envtune.optim.learner import Learner
     from transformers import AutoTokenizer
 
     stop = stop or asyncio.Event()
-    scheduler = CurriculumScheduler(config.curriculum, seed=config.run.seed)
+    if scheduler is None:
+        scheduler = CurriculumScheduler(config.curriculum, seed=config.run.seed)
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_path)
     chat = ChatTokenizer(tokenizer)
-    env = BfclEnvironment()
+    bfcl = BfclEnvironment()
     model = await asyncio.to_thread(load_policy_model, model_path)
     # The learner divides logits by the rollout temperature to match the behaviour logprobs.
     learner = Learner(model, config.learner, temperature=config.sampling.temperature)
+    if wrap_learner is not None:
+        learner = wrap_learner(learner)
     masks = None
     if any(stage.constrained for stage in config.curriculum.stages):
         from envtune.runtime.recipe.learner_masks import BatchMasks
@@ -98,7 +109,7 @@ async def train(
     publisher = AdapterPublisher(folder.path / "adapters", [weight_sync])
     if learner.policy_version > 0:
         await publisher.publish(learner)
-    constraints = ConstraintCache(options=config.sampling.grammar_options())
+    constraints = ConstraintCache(options=config.grammar)
     concurrency = config.rollout.max_concurrent_episodes
     learner_actor = LearnerActor(
         learner,
@@ -111,7 +122,7 @@ async def train(
         validate=make_validator(
             scheduler,
             engine,
-            env,
+            bfcl,
             chat,
             publisher,
             config.sampling,
@@ -130,7 +141,7 @@ async def train(
     rollout = RolloutActor(
         config.rollout,
         source,
-        CurriculumEpisodes(engine, env, chat, publisher, config.sampling, constraints, pins),
+        CurriculumEpisodes(engine, env or bfcl, chat, publisher, config.sampling, constraints, pins),
         learner_actor,
         policy_version=learner.policy_version,
         pins=pins,
