@@ -25,7 +25,7 @@ from envtune.agents.grammar import (
     reply_grammar,
     tool_calls_json_schema,
 )
-from envtune.agents.trajectory import Trajectory
+from envtune.agents.trajectory import ConstraintSpan, Trajectory
 
 __all__ = [
     "AgentConfig",
@@ -35,6 +35,7 @@ __all__ = [
     "Constraint",
     "ConstraintCache",
     "ConstraintKind",
+    "ConstraintSpan",
     "Engine",
     "EngineError",
     "EpisodeLike",

@@ -32,9 +32,6 @@ class SamplingConfig:
     max_replies: int = 100
     """Cap on model replies per episode (the release's ``multi_turn.max_turns``); the environment's
     per-turn step limit normally ends episodes long before."""
-    max_think_chars: int = 0
-    """Bound on the ``<think>`` text when decoding under the reply grammar; 0 = unbounded. A
-    random-weight model rarely closes its think block on its own, so the CPU preset bounds it."""
     stop_token_ids: tuple[int, ...] = ()
     """Extra stop tokens; the chat template's end-of-turn token is always one."""
 
@@ -49,8 +46,6 @@ class SamplingConfig:
             raise ValueError(f"max_episode_tokens must be >= 2, got {self.max_episode_tokens}")
         if self.max_replies < 1:
             raise ValueError(f"max_replies must be >= 1, got {self.max_replies}")
-        if self.max_think_chars < 0:
-            raise ValueError(f"max_think_chars must be >= 0, got {self.max_think_chars}")
 
     def request_params(
         self, max_new_tokens: int, stop_token_ids: tuple[int, ...], seed: int | None = None

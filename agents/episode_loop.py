@@ -33,7 +33,7 @@ from envtune.agents.engine import (
     SamplingParams,
 )
 from envtune.agents.grammar import ConstraintCache
-from envtune.agents.trajectory import Trajectory
+from envtune.agents.trajectory import ConstraintSpan, Trajectory
 from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepResult
 
 log = structlog.get_logger(__name__)
@@ -90,12 +90,15 @@ class _TokenBuffer:
         self.mask: list[bool] = [False] * len(self.ids)
         self.logprobs: list[float] = [0.0] * len(self.ids)
         self.versions: list[int] = [NOT_SAMPLED_VERSION] * len(self.ids)
+        self.spans: list[ConstraintSpan] = []
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add_sampled(self, completion: Completion) -> None:
+    def add_sampled(self, completion: Completion, constraint: Constraint | None) -> None:
         n = len(completion.token_ids)
+        if constraint is not None and n:
+            self.spans.append(ConstraintSpan(len(self.ids), len(self.ids) + n, constraint))
         self.ids.extend(completion.token_ids)
         self.mask.extend([True] * n)
         self.logprobs.extend(completion.logprobs)
@@ -122,6 +125,7 @@ def build_trajectory(
     stage: int,
     start_version: int,
     truncated: bool,
+    constraint_spans: Sequence[ConstraintSpan] = (),
 ) -> Trajectory:
     """The finished record, rewards taken from the environment's score."""
     return Trajectory(
@@ -140,6 +144,7 @@ def build_trajectory(
         stage=stage,
         start_version=start_version,
         truncated=truncated,
+        constraint_spans=tuple(constraint_spans),
     )
 
 
@@ -177,7 +182,7 @@ async def run_episode(
             affinity_key=key,
         )
         completion = single_completion(await engine.generate(request))
-        buffer.add_sampled(completion)
+        buffer.add_sampled(completion, constraint)
         stopped = completion.finish_reason is FinishReason.STOP
         result = episode.step(chat.decode_reply(completion.token_ids, stopped=stopped))
         if result.done:
@@ -212,6 +217,7 @@ async def run_episode(
         stage=stage,
         start_version=start_version,
         truncated=truncated,
+        constraint_spans=buffer.spans,
     )
 
 
@@ -231,6 +237,7 @@ def run_episode_sync(
     mask = [False] * len(ids)
     logprobs = [0.0] * len(ids)
     versions = [NOT_SAMPLED_VERSION] * len(ids)
+    spans: list[ConstraintSpan] = []
     cache = ConstraintCache(max_entries=4)
     truncated = True
     for _ in range(config.sampling.max_replies):
@@ -244,6 +251,8 @@ def run_episode_sync(
             affinity_key=group_id,
         )
         reply = single_completion(generate(request))
+        if request.constraint is not None and reply.token_ids:
+            spans.append(ConstraintSpan(len(ids), len(ids) + len(reply.token_ids), request.constraint))
         ids += reply.token_ids
         mask += [True] * len(reply.token_ids)
         logprobs += reply.logprobs
@@ -273,4 +282,5 @@ def run_episode_sync(
         stage=stage,
         start_version=start_version,
         truncated=truncated,
+        constraint_spans=spans,
     )

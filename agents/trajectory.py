@@ -1,12 +1,29 @@
 """Finished token-in/token-out trajectories: what rollouts hand to the learner.
 
 A trajectory keeps exactly the ids the engine sampled and the ids appended for environment
-messages, with a loss mask, behaviour logprobs and the policy version of every token.
+messages, with a loss mask, behaviour logprobs and the policy version of every token, and for every
+reply sampled under a grammar the constraint it was sampled under (``ConstraintSpan``): the engine's
+behaviour logprobs are then those of the masked policy, and the learner replays the same masks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from envtune.agents.engine import Constraint
+
+
+@dataclass(frozen=True, slots=True)
+class ConstraintSpan:
+    """One reply sampled under a grammar: tokens ``[start, end)`` of the trajectory."""
+
+    start: int
+    """Index of the reply's first token in ``Trajectory.token_ids``."""
+    end: int
+    """One past its last token."""
+    constraint: Constraint
+    """What the engine masked each of these tokens with (the same object for every reply that used
+    it, so a trajectory holds references, not copies of the grammar text)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +60,9 @@ class Trajectory:
     """Policy version when the group was dispatched (the staleness bound counts from it)."""
     truncated: bool = False
     """True when the episode hit a length cap before its last turn."""
+    constraint_spans: tuple[ConstraintSpan, ...] = ()
+    """The replies sampled under a grammar, in order (empty: every reply was sampled unconstrained).
+    Each span covers exactly one reply, all of whose tokens are sampled (loss) tokens."""
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -52,10 +72,25 @@ class Trajectory:
                 f"ids={n} mask={len(self.loss_mask)} logprobs={len(self.behavior_logprobs)} "
                 f"versions={len(self.policy_versions)}"
             )
+        previous_end = 0
+        for span in self.constraint_spans:
+            if not previous_end <= span.start < span.end <= n:
+                raise ValueError(
+                    f"constraint span [{span.start}, {span.end}) is empty, out of order or outside "
+                    f"the {n} tokens"
+                )
+            if not all(self.loss_mask[span.start : span.end]):
+                raise ValueError(f"constraint span [{span.start}, {span.end}) covers non-sampled tokens")
+            previous_end = span.end
 
     @property
     def num_model_tokens(self) -> int:
         return sum(self.loss_mask)
+
+    @property
+    def constrained(self) -> bool:
+        """Some reply was sampled under a grammar."""
+        return bool(self.constraint_spans)
 
     @property
     def min_policy_version(self) -> int:

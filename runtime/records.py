@@ -102,6 +102,19 @@ class TrajectoryGroup:
     """Policy version current when the group was emitted."""
 
 
+class GroupPins(Protocol):
+    """Pins the policy a group samples under from dispatch until the group ends, so every member of
+    one GRPO group samples under the same weights (and those stay loaded until it ends)."""
+
+    def pin(self, group_id: str) -> int | None:
+        """Pin the current policy to a new group; its version (None: nothing to pin, the base)."""
+        ...
+
+    async def unpin(self, group_id: str) -> None:
+        """The group ended (emitted or dropped): let its policy go."""
+        ...
+
+
 class GroupSink(Protocol):
     """Receives finished groups (an actor or a ``Mailbox``); ``send`` waits when full."""
 

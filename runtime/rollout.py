@@ -12,7 +12,13 @@ flight, under which version) and read best together in this one module.
   that failed are dropped; the rest are emitted if at least ``min_group_size`` remain (GRPO needs
   two rewards to form an advantage), otherwise the whole group is dropped as ``group_incomplete``.
 * **Staleness bound at dispatch** (``StalenessGate``, AReaL's rule in group units): see there.
-  A group that ages out anyway (groups finished out of order) is dropped at emission as ``stale``.
+  A group that ages out anyway (groups finished out of order) can never be trained: when a new
+  policy version arrives, its running episodes are cancelled (the engine aborts their requests) and
+  it is dropped as ``stale`` (``abort_stale``; otherwise it runs on and is dropped at emission).
+  The tokens this saves are estimated from the completed episodes' length and duration.
+* **One policy per group.** With ``GroupPins`` the policy current at dispatch is pinned to the group:
+  every member samples under it and it stays loaded until the group ends (``start_version`` is then
+  exactly the version the group sampled under).
 * **Backpressure.** The last member of a group holds its concurrency slot until the sink accepted
   the group, so a full trajectory queue stops dispatch instead of piling up finished groups.
 * **Accounting.** Every episode started ends exactly once, as *completed* (emitted in a group)
@@ -43,6 +49,7 @@ from envtune.runtime.actors import Actor, ActorStatistics
 from envtune.runtime.records import (
     DropReason,
     EpisodeRunner,
+    GroupPins,
     GroupsDiscarded,
     GroupSink,
     PolicyUpdated,
@@ -82,6 +89,9 @@ class RolloutConfig:
     drain_timeout_s: float = 0.0
     """On stop, how long in-flight episodes may run before they are cancelled. 0 for training: an
     episode still running when the run ends would never be trained."""
+    abort_stale: bool = True
+    """Cancel the running episodes of a group as soon as a new policy version makes it too stale to
+    train (the engine aborts their requests); false lets it run to the end and drops it then."""
     mailbox_size: int = 64
     """Bound of the actor's control mailbox."""
 
@@ -171,6 +181,11 @@ class RolloutStatistics(ActorStatistics):
     """Version the actor believes the engine serves."""
     generated_tokens: int
     """Model-sampled tokens in completed episodes."""
+    episodes_aborted: int
+    """Running episodes cancelled because their group aged out (also counted as dropped ``stale``)."""
+    tokens_saved_estimate: float
+    """Model tokens those aborts saved, estimated: per aborted episode, the mean tokens of a completed
+    episode times the part of a mean episode's duration it had not yet run."""
     staleness_at_emission: Mapping[int, int]
     """Emitted groups per (version at emission - start version)."""
     admission_capacity: int | None
@@ -193,7 +208,10 @@ class _Group:
     started: int = 0
     resolved: int = 0
     open: bool = True
+    aborted: bool = False
     trajectories: list[Trajectory] = field(default_factory=list)
+    episodes: dict[asyncio.Task[None], float] = field(default_factory=dict)
+    """Running member tasks and the loop time each started."""
 
 
 class RolloutActor(Actor[RolloutMessage]):
@@ -209,6 +227,7 @@ class RolloutActor(Actor[RolloutMessage]):
         trajectories: GroupSink,
         *,
         policy_version: int = 0,
+        pins: GroupPins | None = None,
         name: str = "rollout",
     ) -> None:
         super().__init__(name, config.mailbox_size)
@@ -216,6 +235,7 @@ class RolloutActor(Actor[RolloutMessage]):
         self._tasks = tasks
         self._run_episode = run_episode
         self._sink = trajectories
+        self._pins = pins
         self._version = policy_version
         self._gate = StalenessGate(config.max_staleness, config.groups_per_step, policy_version)
         self._slots = asyncio.Semaphore(config.max_concurrent_episodes)
@@ -235,6 +255,11 @@ class RolloutActor(Actor[RolloutMessage]):
         self._groups_dropped = 0
         self._tokens = 0
         self._staleness: Counter[int] = Counter()
+        self._aborted = 0
+        self._saved_estimate = 0.0
+        self._episode_seconds = 0.0
+        """Summed duration of completed episodes (with ``_completed_runs``: the mean duration)."""
+        self._completed_runs = 0
 
     # -- public -------------------------------------------------------------------------------
 
@@ -261,6 +286,8 @@ class RolloutActor(Actor[RolloutMessage]):
             groups_dropped=self._groups_dropped,
             policy_version=self._version,
             generated_tokens=self._tokens,
+            episodes_aborted=self._aborted,
+            tokens_saved_estimate=self._saved_estimate,
             staleness_at_emission=MappingProxyType(dict(sorted(self._staleness.items()))),
             admission_capacity=self._gate.capacity(self._version),
             dispatching=self._dispatching,
@@ -276,7 +303,7 @@ class RolloutActor(Actor[RolloutMessage]):
                 await super().run()
         finally:
             self._dispatching = False
-            self._abandon_unfinished_groups()
+            await self._abandon_unfinished_groups()
             self._done.set()
 
     async def handle(self, message: RolloutMessage) -> None:
@@ -286,6 +313,8 @@ class RolloutActor(Actor[RolloutMessage]):
                     raise ValueError(f"policy version went back from {self._version} to {version}")
                 self._version = version
                 self._capacity_changed.set()
+                if self.config.abort_stale:
+                    self._abort_stale_groups()
             case GroupsDiscarded(count=count, reason=reason):
                 self._gate.discarded += count
                 log.debug("rollout.groups_discarded", count=count, reason=str(reason))
@@ -307,6 +336,7 @@ class RolloutActor(Actor[RolloutMessage]):
             if group.started == 0:
                 self._groups.pop(group.group_id)
                 self._gate.discarded += 1
+                await self._unpin(group)
             elif group.resolved == group.started:
                 await self._finalize(group)
         if self._episode_tasks:
@@ -333,18 +363,26 @@ class RolloutActor(Actor[RolloutMessage]):
             spec = await self._tasks.next_task()
             if spec is None:
                 break
-            group = _Group(f"{self.name}-{next(self._group_ids):07d}", spec, self._version)
+            group_id = f"{self.name}-{next(self._group_ids):07d}"
+            pinned = self._pins.pin(group_id) if self._pins is not None else None
+            group = _Group(group_id, spec, self._version if pinned is None else pinned)
             self._gate.started += 1
             self._groups[group.group_id] = group
             self._open_group = group
+            loop = asyncio.get_running_loop()
             for index in range(self.config.group_size):
                 await self._slots.acquire()
+                if group.aborted:  # aged out before all its members started: start no more
+                    self._slots.release()
+                    break
                 group.started += 1
                 self._started += 1
                 self._episodes_running += 1
                 episode = owner.create_task(self._episode(group), name=f"{group.group_id}/{index}")
+                group.episodes[episode] = loop.time()
                 self._episode_tasks.add(episode)
                 episode.add_done_callback(self._episode_tasks.discard)
+                episode.add_done_callback(group.episodes.pop)
             group.open = False
             self._open_group = None
             if group.resolved == group.started:
@@ -369,6 +407,7 @@ class RolloutActor(Actor[RolloutMessage]):
 
     async def _run_one(self, group: _Group) -> DropReason | None:
         """Run the episode; its trajectory joins the group, or the drop reason comes back."""
+        started = asyncio.get_running_loop().time()
         try:
             if self.config.episode_timeout_s is None:
                 trajectory = await self._run_episode(group.task, group.group_id, group.start_version)
@@ -376,6 +415,9 @@ class RolloutActor(Actor[RolloutMessage]):
                 async with asyncio.timeout(self.config.episode_timeout_s):
                     trajectory = await self._run_episode(group.task, group.group_id, group.start_version)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if group.aborted and task is not None and task.uncancel() == 0:
+                return DropReason.STALE  # our own abort (and nothing else cancelled the task)
             self._episodes_running -= 1
             group.resolved += 1
             self._drop(DropReason.CANCELLED)
@@ -396,6 +438,8 @@ class RolloutActor(Actor[RolloutMessage]):
             log.error("rollout.invalid_trajectory", group_id=group.group_id, got=type(trajectory).__name__)
             return DropReason.INVALID_TRAJECTORY
         group.trajectories.append(trajectory)
+        self._episode_seconds += asyncio.get_running_loop().time() - started
+        self._completed_runs += 1
         return None
 
     # -- groups ---------------------------------------------------------------------------------
@@ -403,6 +447,7 @@ class RolloutActor(Actor[RolloutMessage]):
     async def _finalize(self, group: _Group) -> None:
         """Emit a fully resolved group, or drop it; exactly once per group."""
         del self._groups[group.group_id]
+        await self._unpin(group)
         members = tuple(group.trajectories)
         group.trajectories.clear()
         if self._gate.is_stale(group.start_version, self._version):
@@ -443,13 +488,47 @@ class RolloutActor(Actor[RolloutMessage]):
         self._gate.discarded += 1
         self._capacity_changed.set()
 
-    def _abandon_unfinished_groups(self) -> None:
+    async def _abandon_unfinished_groups(self) -> None:
         """On cancellation: finished members of groups that never finalized are dropped."""
-        for group in list(self._groups.values()):
+        groups = list(self._groups.values())
+        for group in groups:
             self._drop_group(tuple(group.trajectories), DropReason.CANCELLED)
             group.trajectories.clear()
         self._groups.clear()
         self._open_group = None
+        for group in groups:
+            await self._unpin(group)
+
+    async def _unpin(self, group: _Group) -> None:
+        if self._pins is None:
+            return
+        try:
+            await self._pins.unpin(group.group_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failed unload must not take the rollout down
+            log.warning("rollout.unpin_failed", group_id=group.group_id, error=repr(exc))
+
+    def _abort_stale_groups(self) -> None:
+        """Cancel the running members of every group the current version made untrainable."""
+        now = asyncio.get_running_loop().time()
+        tokens = self._tokens / self._completed if self._completed else 0.0
+        seconds = self._episode_seconds / self._completed_runs if self._completed_runs else 0.0
+        for group in self._groups.values():
+            if group.aborted or not self._gate.is_stale(group.start_version, self._version):
+                continue
+            group.aborted = True
+            for episode, started in group.episodes.items():
+                if episode.done():
+                    continue
+                episode.cancel()
+                self._aborted += 1
+                if seconds > 0:
+                    self._saved_estimate += tokens * max(0.0, 1.0 - (now - started) / seconds)
+            log.info(
+                "rollout.group_aborted", group_id=group.group_id, start_version=group.start_version,
+                version=self._version, episodes=len(group.episodes),
+            )
 
     def _check_done(self) -> None:
         if not self._dispatching and not self._groups and self._episodes_running == 0:

@@ -197,6 +197,43 @@ async def test_requests_stop_at_end_of_turn_and_carry_the_turns_constraint(chat:
     assert all(r.constraint is None and r.affinity_key == "g" for r in plain.requests)
 
 
+async def test_each_reply_records_the_constraint_it_was_sampled_under(chat: ChatTokenizer) -> None:
+    engine = ScriptedEngine(chat, list(SCRIPT))
+    config = AgentConfig(constrained=True)
+    traj = await run_episode(engine, FakeEpisode(), chat, config, task_id="t", group_id="g")
+    # One span per reply, exactly over its sampled ids, holding the very constraint of its request.
+    runs, start = [], None
+    for i, sampled in enumerate([*traj.loss_mask, False]):
+        if sampled and start is None:
+            start = i
+        elif not sampled and start is not None:
+            runs.append((start, i))
+            start = None
+    assert [(s.start, s.end) for s in traj.constraint_spans] == runs
+    assert [traj.token_ids[a:b] for a, b in runs] == engine.sampled
+    assert [s.constraint for s in traj.constraint_spans] == [r.constraint for r in engine.requests]
+    assert traj.constrained and traj.constraint_spans[3].constraint is not traj.constraint_spans[2].constraint
+    plain = await run_episode(ScriptedEngine(chat, list(SCRIPT)), FakeEpisode(), chat, AgentConfig(),
+                              task_id="t", group_id="g")
+    assert plain.constraint_spans == () and not plain.constrained
+
+
+def test_constraint_spans_must_cover_sampled_tokens_only() -> None:
+    from envtune.agents import ConstraintSpan, Trajectory
+    from envtune.agents.engine import Constraint, ConstraintKind
+
+    c = Constraint(ConstraintKind.REGEX, "a+")
+    fields = dict(task_id="t", group_id="g", token_ids=(1, 2, 3, 4), loss_mask=(False, True, True, False),
+                  behavior_logprobs=(0.0,) * 4, policy_versions=(-1, 0, 0, -1), reward=0.0, progress=0.0,
+                  format_reward=0.0, tool_reward=0.0, turn_passed=(), step_codes=(), stage=0, start_version=0)
+    assert Trajectory(**fields, constraint_spans=(ConstraintSpan(1, 3, c),)).constrained
+    for bad in ((0, 2), (2, 4), (2, 2), (3, 9)):
+        with pytest.raises(ValueError, match="constraint span"):
+            Trajectory(**fields, constraint_spans=(ConstraintSpan(*bad, c),))
+    with pytest.raises(ValueError, match="out of order"):
+        Trajectory(**fields, constraint_spans=(ConstraintSpan(2, 3, c), ConstraintSpan(1, 2, c)))
+
+
 async def test_a_length_capped_reply_is_closed_with_an_unsampled_end_of_turn(chat: ChatTokenizer) -> None:
     script = [Reply("<think>I keep thinking and", finish=FinishReason.LENGTH, cut=True), *SCRIPT]
     engine = ScriptedEngine(chat, script)

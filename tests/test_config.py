@@ -127,7 +127,14 @@ def test_cpu_preset_is_small_and_valid() -> None:
     config = load_config(CPU_PRESET)
     assert config.engine.kind == "embedded" and config.model.path == ""
     assert len(config.curriculum.stages) == 4
-    assert all(0 < s.promotion.max_steps <= 5 for s in config.curriculum.stages)
+    assert config.derived.total_step_budget <= 12  # the 10-minute budget of `make run` on 2 cores
+    syntax = config.curriculum.stages[0]
+    # The learning stage: its own reward, constrained with masks replayed, zero-variance groups dropped.
+    assert (syntax.reward, syntax.constrained, syntax.learner_masks, syntax.zero_variance) == (
+        "stage1", True, "replay", "drop"
+    )
+    assert syntax.promotion.metric == "train/reward" and syntax.selection == "shortest"
+    assert config.learner.loss.kl_coef == 0.1  # the paper's KL stays on
     assert config.rollout.group_size <= 4
     assert config.sampling.max_new_tokens <= 128
 
@@ -159,7 +166,17 @@ def test_cpu_preset_is_small_and_valid() -> None:
         (["sampling.top_p=0.9"], "training needs temperature > 0, top_p = 1 and top_k = -1"),
         (["sampling.temperature=0"], "training needs temperature > 0"),
         (["sampling.top_k=50"], "training needs"),
-        (["sampling.max_think_chars=-1"], "max_think_chars must be >= 0"),
+        (["grammar.max_think_chars=-1"], "max_think_chars must be >= 0 or None"),
+        (["grammar.max_calls=0"], "max_calls must be in [1, "),
+        (
+            [
+                "curriculum.stages.1.constrained=true",
+                "curriculum.stages.1.learner_masks=unconstrained_target",
+            ],
+            "grammar-constrained samples cannot teach",
+        ),
+        (["curriculum.stages.2.promotion.plateau_patience=-1"], "plateau_patience must be >= 0"),
+        (["curriculum.stages.4.promotion.plateau_patience=2"], "the plateau rule needs a metric"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
@@ -225,6 +242,10 @@ def test_run_keys_cover_the_stage_array() -> None:
 def test_eval_config_defaults_are_bfcl_conditions() -> None:
     config = EvalConfig()
     assert config.sampling.temperature == 0.0
+    # Evaluation samples nothing to train on: greedy and truncated sampling stay allowed there.
+    truncated = config_io.with_overrides(config, ["sampling.top_p=0.9", "sampling.top_k=20"])
+    sampling = truncated.sampling
+    assert (sampling.top_p, sampling.top_k, sampling.temperature) == (0.9, 20, 0.0)
     assert config.conditions.episode.feedback is FeedbackMode.STANDARD
     assert config.conditions.episode.max_steps_per_turn == 20
     assert config.tasks.split == "test"

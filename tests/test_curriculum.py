@@ -237,3 +237,92 @@ def test_group_outcome_from_trajectories() -> None:
     assert not outcome.zero_variance
     with pytest.raises(ValueError):
         GroupOutcome.from_trajectories([])
+
+
+def test_stage_one_does_not_promote_a_policy_that_only_answers() -> None:
+    """Issue 10 (4): answering every turn is well formed (R_format 1) but never calls a tool, so the
+    stage-1 reward is 0; the paper preset's stage 1 promotes on that reward, not on the format."""
+    stages = (dataclasses.replace(Config().curriculum.stages[0], categories=("base",)), _stage("b"))
+    answers_only = CurriculumScheduler(CurriculumConfig(stages=stages))
+    for step in range(1, 80):
+        spec = answers_only.next_task()
+        answers_only.record_group(
+            GroupOutcome(task_id=spec.task_id, stage=1, rewards=(0.0, 0.0), format_rewards=(1.0, 1.0))
+        )
+        summary = answers_only.end_step(step)
+        assert summary.promotion is None, step
+        assert summary.metrics["train/format_reward"] == 1.0
+    budget = answers_only.end_step(80).promotion
+    assert budget is not None and budget.reason == "budget"
+    calls = CurriculumScheduler(CurriculumConfig(stages=stages))
+    fired = None
+    for step in range(1, 10):
+        spec = calls.next_task()
+        calls.record_group(
+            GroupOutcome(task_id=spec.task_id, stage=1, rewards=(1.9, 2.0), format_rewards=(1.0, 1.0))
+        )
+        fired = fired or calls.end_step(step).promotion
+    assert fired is not None and (fired.reason, fired.step, fired.metric) == ("threshold", 5, "train/reward")
+    assert "train/reward mean 1.95" in fired.detail
+
+
+def _plateau_rule(**changes: object) -> PromotionConfig:
+    fields: dict[str, object] = dict(
+        metric="validation/progress", window=2, threshold=0.9, max_steps=50, plateau_patience=3,
+        plateau_min_delta=0.01, grad_norm_window=4, grad_norm_max_cv=0.5,
+    )
+    fields.update(changes)
+    return PromotionConfig(**fields)  # type: ignore[arg-type]
+
+
+def _drive(rule: PromotionConfig, values: list[float], grad_norms: list[float]) -> list[object]:
+    scheduler = CurriculumScheduler(CurriculumConfig(stages=(_stage("a", promotion=rule), _stage("b"))))
+    out = []
+    for step, (value, norm) in enumerate(zip(values, grad_norms, strict=True), start=1):
+        metrics = {"validation/progress": value, "learner/grad_norm": norm}
+        promotion = scheduler.end_step(step, metrics).promotion
+        out.append(promotion)
+        if promotion is not None:
+            break
+    return out
+
+
+def test_plateau_with_a_stable_gradient_promotes_and_says_why() -> None:
+    # Window means: 0.15, 0.25, 0.3, 0.3, 0.305, 0.3 -> the last three never beat 0.3 by > 0.01.
+    values = [0.1, 0.2, 0.3, 0.3, 0.3, 0.31, 0.29]
+    fired = _drive(_plateau_rule(), values, [0.4, 0.42, 0.38, 0.41, 0.4, 0.39, 0.4])
+    promotion = fired[-1]
+    assert len(fired) == 7 and promotion is not None
+    assert promotion.reason == "plateau"  # type: ignore[attr-defined]
+    assert "plateaued" in promotion.detail and "CV" in promotion.detail  # type: ignore[attr-defined]
+    # Still improving: no plateau (the budget ends it).
+    rising = [0.1 * k for k in range(1, 9)]
+    assert all(p is None for p in _drive(_plateau_rule(), rising, [0.4] * 8))
+    # Flat, but the gradient norm is exploding (paper Fig. 6): no plateau promotion either.
+    exploding = [0.4, 0.4, 0.4, 0.4, 0.4, 1.5, 2.9]
+    assert all(p is None for p in _drive(_plateau_rule(), values, exploding))
+    # Patience 0 turns the rule off; the threshold still bounds it from above.
+    assert all(p is None for p in _drive(_plateau_rule(plateau_patience=0), values, [0.4] * 7))
+    early = _drive(_plateau_rule(threshold=0.25), values, [0.4] * 7)[-1]
+    assert early is not None and early.reason == "threshold"  # type: ignore[attr-defined]
+
+
+def test_plateau_rule_skips_steps_that_did_not_update_and_survives_a_resume() -> None:
+    rule = _plateau_rule()
+    config = CurriculumConfig(stages=(_stage("a", promotion=rule), _stage("b")))
+    original = CurriculumScheduler(config)
+    for step, value in enumerate([0.1, 0.2, 0.3, 0.3], start=1):
+        # A step that applied no update (its norm here is huge) never reaches the stability window.
+        original.end_step(step, {"validation/progress": value, "learner/grad_norm": 0.4})
+    original.end_step(5, {"learner/grad_norm": 50.0, "learner/skipped": 1.0})
+    state = json.loads(json.dumps(original.state_dict()))
+    restored = CurriculumScheduler(config)
+    restored.load_state_dict(state)
+    assert state["stages"][0]["grad_norms"] == [0.4] * 4 and len(state["stages"][0]["means"]) == 3
+    for step, value in ((6, 0.3), (7, 0.3), (8, 0.3)):
+        metrics = {"validation/progress": value, "learner/grad_norm": 0.4}
+        assert restored.end_step(step, metrics) == original.end_step(step, metrics)
+    assert restored.promotions == original.promotions and restored.promotions[0].reason == "plateau"
+    old = {**state, "version": 1, "stages": [{k: v for k, v in s.items() if k not in ("means", "grad_norms")}
+                                             for s in state["stages"]]}
+    CurriculumScheduler(config).load_state_dict(old)  # a version-1 checkpoint still loads

@@ -353,10 +353,17 @@ def test_staleness_bound_end_to_end(eta: int) -> None:
     run_virtual(main())
 
 
-def test_groups_that_age_out_are_dropped_at_emission_and_give_capacity_back() -> None:
+@pytest.mark.parametrize("abort_stale", [True, False])
+def test_groups_that_age_out_are_dropped_and_give_capacity_back(abort_stale: bool) -> None:
     async def main() -> None:
         runner = FakeRunner(make_engine())
-        config = RolloutConfig(max_concurrent_episodes=8, group_size=2, max_staleness=1, groups_per_step=1)
+        config = RolloutConfig(
+            max_concurrent_episodes=8,
+            group_size=2,
+            max_staleness=1,
+            groups_per_step=1,
+            abort_stale=abort_stale,
+        )
         sink: Mailbox[TrajectoryGroup] = Mailbox("trajectories", 10)
         # t3 takes 4 calls (5.2 s); the version jumps by 2 while it runs.
         actor = RolloutActor(config, IteratorTaskSource([TaskSpec("t3")]), runner, sink)
@@ -366,14 +373,124 @@ def test_groups_that_age_out_are_dropped_at_emission_and_give_capacity_back() ->
             assert actor.statistics().admission_capacity == 1  # (1 + 0 + 1) * 1 - 1 live
             await actor.send(PolicyUpdated(2))
             await actor.wait_until_done()
+            done_at = asyncio.get_running_loop().time()
             await actor.stop()
             await run
         stats = actor.statistics()
         assert dict(stats.dropped_by_reason) == {"stale": 2}
         assert stats.groups_dropped == 1 and sink.statistics().sent == 0
+        # Aborted: both members cancelled at once (t = 1 s) instead of running to 5.2 s.
+        assert stats.episodes_aborted == (2 if abort_stale else 0)
+        assert done_at == pytest.approx(1.0 if abort_stale else 5.2)
         assert stats.admission_capacity == 4  # (1 + 2 + 1) * 1 - 0 live
         with pytest.raises(ValueError, match="went back"):
             await actor.handle(PolicyUpdated(1))
+
+    run_virtual(main())
+
+
+class RecordingPins:
+    """GroupPins that pin the version it is told is current and record every pin and unpin."""
+
+    def __init__(self) -> None:
+        self.current: int | None = None
+        self.pinned: dict[str, int | None] = {}
+        self.unpinned: list[str] = []
+
+    def pin(self, group_id: str) -> int | None:
+        assert group_id not in self.pinned
+        self.pinned[group_id] = self.current
+        return self.current
+
+    async def unpin(self, group_id: str) -> None:
+        assert group_id in self.pinned and group_id not in self.unpinned
+        await asyncio.sleep(0)
+        self.unpinned.append(group_id)
+
+
+class PinnedRunner(FakeRunner):
+    """Records the version each member was handed (its group's pinned start version)."""
+
+    def __init__(self, engine: object, **kwargs: object) -> None:
+        super().__init__(engine, **kwargs)  # type: ignore[arg-type]
+        self.seen: dict[str, set[int]] = {}
+
+    async def __call__(self, task: TaskSpec, group_id: str, start_version: int) -> Trajectory:
+        self.seen.setdefault(group_id, set()).add(start_version)
+        return await super().__call__(task, group_id, start_version)
+
+
+def test_a_group_is_pinned_to_one_version_from_dispatch_to_its_end() -> None:
+    async def main() -> None:
+        runner = PinnedRunner(make_engine())
+        pins = RecordingPins()
+        pins.current = 0
+        # One episode at a time: a group's members start far apart, across version changes.
+        config = RolloutConfig(max_concurrent_episodes=1, group_size=3, max_staleness=None, min_group_size=1)
+        sink: Mailbox[TrajectoryGroup] = Mailbox("trajectories", 1000)
+        actor = RolloutActor(config, IteratorTaskSource(tasks(6)), runner, sink, pins=pins)
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(actor.run())
+            for version in range(1, 8):
+                await asyncio.sleep(2.0)
+                pins.current = version
+                await actor.send(PolicyUpdated(version))
+            await actor.wait_until_done()
+            await actor.stop()
+            await run
+        received = [await sink.receive() for _ in range(sink.statistics().depth)]
+        assert len(received) == 6
+        for group in received:
+            assert group.start_version == pins.pinned[group.group_id]  # type: ignore[union-attr]
+            assert runner.seen[group.group_id] == {group.start_version}  # type: ignore[union-attr]
+        assert len({g.start_version for g in received}) > 2  # type: ignore[union-attr]
+        assert sorted(pins.unpinned) == sorted(pins.pinned)  # every group let its version go
+
+    run_virtual(main())
+
+
+def test_aborting_an_open_group_starts_no_more_members_and_unpins_it() -> None:
+    async def main() -> None:
+        runner = PinnedRunner(make_engine())
+        pins = RecordingPins()
+        pins.current = 0
+        # t3 runs 5.2 s; one slot: member 2 of the group cannot start before member 1 ends.
+        config = RolloutConfig(max_concurrent_episodes=1, group_size=3, max_staleness=0, groups_per_step=1)
+        sink: Mailbox[TrajectoryGroup] = Mailbox("trajectories", 10)
+        actor = RolloutActor(config, IteratorTaskSource([TaskSpec("t3")]), runner, sink, pins=pins)
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(actor.run())
+            await asyncio.sleep(1.0)
+            await actor.send(PolicyUpdated(1))
+            await actor.wait_until_done()
+            await actor.stop()
+            await run
+        stats = actor.statistics()
+        assert stats.episodes_started == 1 and stats.episodes_aborted == 1
+        assert dict(stats.dropped_by_reason) == {"stale": 1} and stats.groups_dropped == 1
+        assert pins.unpinned == list(pins.pinned)
+
+    run_virtual(main())
+
+
+def test_saved_tokens_are_estimated_from_completed_episodes() -> None:
+    async def main() -> None:
+        runner = FakeRunner(make_engine())
+        # Two slots: t0's members (1 call: 1.3 s, 3 tokens each) run first, t3's start at 1.3 s.
+        config = RolloutConfig(max_concurrent_episodes=2, group_size=2, max_staleness=1, groups_per_step=1)
+        sink: Mailbox[TrajectoryGroup] = Mailbox("trajectories", 10)
+        actor = RolloutActor(config, IteratorTaskSource([TaskSpec("t0"), TaskSpec("t3")]), runner, sink)
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(actor.run())
+            await asyncio.sleep(1.5)
+            await actor.send(PolicyUpdated(2))  # t3 (dispatched under 0) can no longer be trained
+            await actor.wait_until_done()
+            await actor.stop()
+            await run
+        stats = actor.statistics()
+        assert stats.episodes_completed == 2 and stats.episodes_aborted == 2
+        # Per aborted member: 3 tokens (the completed mean) x (1 - 0.2 s run / 1.3 s mean duration).
+        assert stats.tokens_saved_estimate == pytest.approx(2 * 3 * (1 - 0.2 / 1.3), rel=1e-6)
 
     run_virtual(main())
 

@@ -199,3 +199,30 @@ async def test_learner_adapter_round_trips_through_the_publisher(tmp_path: Path)
     with torch.no_grad():
         base_logits = base()(input_ids=torch.tensor([ids])).logits
     assert not torch.allclose(base_logits, got, atol=1e-4)  # the adapter carries the update
+
+
+async def test_a_pinned_group_keeps_its_version_loaded_until_it_ends(tmp_path: Path) -> None:
+    """Issue 10 (8): every member of a group samples under the version current at dispatch."""
+    from envtune.runtime.recipe.episodes import GroupAdapters
+
+    engine, source = FakeEngine(), FakeSource()
+    publisher = AdapterPublisher(tmp_path, [engine])
+    pins = GroupAdapters(publisher)
+    assert pins.pin("g0") is None and pins.adapter("g0") is None  # before the first publish: the base
+    source.version = 1
+    await publisher.publish(source)
+    assert pins.pin("g1") == 1
+    source.version = 2
+    await publisher.publish(source)  # v2 is current; g1 still holds v1
+    assert pins.pin("g2") == 2
+    assert set(engine.loaded) == {"policy-v1", "policy-v2"}
+    assert pins.adapter("g1").name == "policy-v1"  # type: ignore[union-attr]  # a late member of g1
+    await pins.unpin("g1")  # the group ended: v1 goes
+    assert set(engine.loaded) == {"policy-v2"} and "g1" not in pins
+    await pins.unpin("g0")
+    await pins.unpin("g2")
+    assert set(engine.loaded) == {"policy-v2"}  # current: stays
+    with pytest.raises(ValueError, match="already pinned"):
+        pins.pin("g3"), pins.pin("g3")
+    with pytest.raises(KeyError):
+        pins.adapter("nope")

@@ -174,6 +174,53 @@ async def test_client_and_embedded_engine_agree_over_http(
     assert judge.responses == 3
 
 
+async def test_a_cancelled_generate_is_aborted_on_the_server(
+    engine: EmbeddedEngine, prompt: tuple[int, ...], contract: ModuleType
+) -> None:
+    """Issue 10 (7): the caller gives up (a group aged out): SGLang's /abort_request stops the decode."""
+    judge = Judge(contract)
+    aborts: list[Any] = []
+
+    @web.middleware
+    async def record_aborts(request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.json() if request.path == "/abort_request" else {}
+        if isinstance(body.get("rid"), str):  # what the client sends: SGLang's decoder accepts it
+            contract.AbortRequest.from_json_value(body)
+            aborts.append(body)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    server = SGLangProtocolServer(engine)
+    server.app.middlewares.extend([judge.middleware, record_aborts])
+    await server.start("127.0.0.1", 0)
+    try:
+        before = engine.statistics().tokens_generated
+        long = GenerateRequest(prompt, SamplingParams(max_new_tokens=4000, temperature=1.0, seed=3))
+        async with client_for(server.url) as client:
+            generation = asyncio.create_task(client.generate(long))
+            while not server._running:  # the server is decoding it
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            generation.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await generation
+            while server._running:
+                await asyncio.sleep(0.01)
+            assert client.statistics().aborts == 1
+        assert judge.request_errors == []
+        assert [body["rid"] for body in aborts] == [judge.requests[-1]["rid"]]
+        generated = engine.statistics().tokens_generated - before
+        assert generated < 4000  # the decode stopped early (the job was dropped, not finished)
+        # The endpoint itself: an empty rid is ignored as SGLang does; a bad body is refused.
+        async with aiohttp.ClientSession() as session:
+            async with session.post(server.url + "/abort_request", json={}) as response:
+                assert response.status == 200
+            async with session.post(server.url + "/abort_request", json={"rid": 7}) as response:
+                assert response.status == 400
+    finally:
+        await server.close()
+
+
 async def test_constrained_tool_calls_over_http_name_visible_tools(
     served: tuple[SGLangProtocolServer, Judge], engine: EmbeddedEngine, prompt: tuple[int, ...]
 ) -> None:

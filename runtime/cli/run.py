@@ -15,7 +15,8 @@ What it does: resolve the config, create (or reopen) the run folder, open the en
 Stopping: Ctrl-C (SIGINT) or SIGTERM ends the run cleanly: no new work, in-flight episodes are
 cancelled, a checkpoint of the last completed step is written, and the report is produced; a
 second Ctrl-C aborts at once. The run folder's path is the last line written to stdout; logs and
-the progress line go to stderr.
+the progress line go to stderr. A run with no learner step for ``run.no_progress_timeout_s`` fails:
+checkpoint, report, the reason on stderr, exit status 3.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from envtune.runtime.recipe.config import (
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder, RunFolderError
 
 log = structlog.get_logger(__name__)
+
+EXIT_NO_PROGRESS = 3
+"""Exit status of a run that stopped progressing (``run.no_progress_timeout_s``)."""
 
 
 # --- progress -------------------------------------------------------------------------------------------
@@ -195,7 +199,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     progress = ProgressLine(
         config.derived.total_step_budget, config.derived.num_stages, config.run.progress_bar
     )
-    steps = asyncio.run(_main_async(config, folder, checkpoint, progress))
+    from envtune.runtime.watchdog import NoProgressError
+
+    failure: NoProgressError | None = None
+    try:
+        steps = asyncio.run(_main_async(config, folder, checkpoint, progress))
+    except NoProgressError as exc:  # checkpointed on the way out; the report says so too
+        failure, steps = exc, -1
     progress.close()
     from envtune.runtime.recipe.report import write_report
 
@@ -203,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     log.info("run_finished", folder=str(folder.path), steps=steps, report=str(report))
     sys.stdout.write(f"{folder.path}\n")
     sys.stdout.flush()
+    if failure is not None:
+        sys.stderr.write(f"envtune-run: the run failed: {failure}\n  report: {report}\n")
+        sys.exit(EXIT_NO_PROGRESS)
 
 
 async def _main_async(

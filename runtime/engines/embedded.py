@@ -384,6 +384,8 @@ class EmbeddedEngine:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
             job.cancelled.set()
+            # The worker fails the dropped job's future; nobody awaits it any more: retrieve it.
+            job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise
 
     async def _control(self, fn: Callable[[], Any]) -> Any:

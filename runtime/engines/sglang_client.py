@@ -17,6 +17,10 @@ Versions: a completion's ``policy_version`` is the version of the adapter it nam
 -> N, or the version given to ``load_adapter``), else the server's ``meta_info.weight_version`` when
 it is an integer, else the base version this client last set with ``update_weights_from_disk``.
 
+Aborts: every ``/generate`` carries a fresh ``rid``; when the caller cancels ``generate`` (the rollout
+dropping a group that aged out), the client sends SGLang's ``POST /abort_request {"rid": ...}`` to
+every replica (an unknown rid is a no-op there), so the server stops decoding for a caller that left.
+
 Left out: streaming (the runtime never needs partial outputs), a load balancer of its own beyond
 spreading requests over the URLs it is given (SGLang's router does that at scale).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +74,8 @@ class ClientStatistics:
     """Retries done since start."""
     affinity_keys: int
     """Affinity keys remembered."""
+    aborts: int = 0
+    """Requests aborted (``/abort_request`` sent) because their caller cancelled them."""
 
 
 class _Endpoint:
@@ -98,6 +105,7 @@ class SGLangClient:
         self._base_version = 0
         self._version_high = 0
         self._retries = 0
+        self._aborts = 0
         self._rng = random.Random()
         self._tie_break = 0
 
@@ -160,6 +168,7 @@ class SGLangClient:
             ),
             retries=self._retries,
             affinity_keys=len(self._affinity),
+            aborts=self._aborts,
         )
 
     # --- HTTP with retries ----------------------------------------------------------------------
@@ -244,7 +253,7 @@ class SGLangClient:
     # --- generation -------------------------------------------------------------------------------
 
     @staticmethod
-    def request_body(request: GenerateRequest) -> dict[str, Any]:
+    def request_body(request: GenerateRequest, rid: str | None = None) -> dict[str, Any]:
         """The ``/generate`` JSON body for a request (exactly SGLang's field names)."""
         sampling = request.sampling
         params: dict[str, Any] = {
@@ -272,6 +281,8 @@ class SGLangClient:
         if request.affinity_key is not None:
             # SGLang's routing-key schedule hint; envtune's server keys its per-episode KV cache on it.
             body["routing_key"] = request.affinity_key
+        if rid is not None:
+            body["rid"] = rid
         return body
 
     def _version_for(self, adapter: str | None, meta: dict[str, Any]) -> int:
@@ -313,8 +324,15 @@ class SGLangClient:
         )
 
     async def generate(self, request: GenerateRequest) -> Sequence[Completion]:
-        """``request.sampling.n`` completions from one ``/generate`` call."""
-        payload = await self._call("/generate", self.request_body(request), affinity_key=request.affinity_key)
+        """``request.sampling.n`` completions from one ``/generate`` call (aborted on cancellation)."""
+        rid = uuid.uuid4().hex
+        try:
+            payload = await self._call(
+                "/generate", self.request_body(request, rid), affinity_key=request.affinity_key
+            )
+        except asyncio.CancelledError:
+            await self.abort(rid)
+            raise
         items = payload if isinstance(payload, list) else [payload]
         if len(items) != request.sampling.n:
             raise EngineError(
@@ -323,6 +341,22 @@ class SGLangClient:
         if all(isinstance(item, dict) and "index" in item for item in items):
             items = sorted(items, key=lambda item: item["index"])
         return [self._completion(item, request) for item in items]
+
+    async def abort(self, rid: str) -> None:
+        """SGLang's ``/abort_request`` for ``rid`` on every replica: one attempt each, bounded by the
+        connect timeout, failures logged (the request may have finished or its replica be down)."""
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s)
+
+        async def one(endpoint: _Endpoint) -> None:
+            try:
+                await self._attempt(endpoint, "POST", "/abort_request", {"rid": rid}, timeout)
+            except (_Retryable, EngineError) as exc:
+                log.warning("sglang_abort_failed", url=endpoint.url, rid=rid, error=str(exc))
+
+        self._aborts += 1
+        async with asyncio.TaskGroup() as group:
+            for endpoint in self._endpoints:
+                group.create_task(one(endpoint))
 
     # --- health and weight sync ------------------------------------------------------------------
 

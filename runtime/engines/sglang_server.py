@@ -7,8 +7,10 @@ refuses is HTTP 400 ``{"error": "..."}`` with SGLang's wording.
 
 Endpoints: ``/generate`` (``stream`` SSE too), ``/health``, ``/health_generate``, ``/model_info``
 (``/get_model_info``), ``/server_info`` (``/get_server_info``), ``/load_lora_adapter``,
-``/unload_lora_adapter``, ``/update_weights_from_disk``, ``/flush_cache``. With an API key, every
-endpoint but the health checks wants ``Authorization: Bearer KEY``.
+``/unload_lora_adapter``, ``/update_weights_from_disk``, ``/flush_cache``, ``/abort_request`` (cancels
+the running ``/generate`` whose ``rid`` starts with the given one, or all of them, as SGLang matches;
+its caller gets HTTP 400 "request aborted"). With an API key, every endpoint but the health checks
+wants ``Authorization: Bearer KEY``.
 
 ``meta_info.weight_version`` is the policy version that produced each response (as a string).
 SGLang's ``/load_lora_adapter`` carries no version: the server numbers adapters in load order
@@ -89,8 +91,12 @@ class SGLangProtocolServer:
             web.post("/update_weights_from_disk", self._update_weights_from_disk),
             web.get("/flush_cache", self._flush_cache),
             web.post("/flush_cache", self._flush_cache),
+            web.post("/abort_request", self._abort_request),
         ]
         self.app.add_routes(routes)
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        """Handler task of each running ``/generate``, by request id (for ``/abort_request``)."""
+        self._aborting: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self.host = ""
         self.port = 0
@@ -218,6 +224,42 @@ class SGLangProtocolServer:
             parsed = parse_generate(await self._json_body(request), self.engine.tokenizer.encode)
         except ContractError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        task = asyncio.current_task()
+        assert task is not None
+        for rid in parsed.rids:
+            self._running[rid] = task
+        try:
+            return await self._generate_parsed(request, parsed, started)
+        except asyncio.CancelledError:
+            if task in self._aborting and task.uncancel() == 0:  # /abort_request, and nothing else
+                return web.json_response({"error": {"message": "request aborted"}}, status=400)
+            raise
+        finally:
+            self._aborting.discard(task)
+            for rid in parsed.rids:
+                if self._running.get(rid) is task:
+                    del self._running[rid]
+
+    async def _abort_request(self, request: web.Request) -> web.Response:
+        """SGLang's ``/abort_request``: ``{"rid": str, "abort_all": bool}``; unknown ids are a no-op."""
+        try:
+            body = expect_map(await self._json_body(request), "struct AbortReq")
+            rid = expect_str(body.get("rid", ""))
+            abort_all = expect_bool(body.get("abort_all", False))
+        except ContractError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if not rid and not abort_all:
+            return web.Response(status=200)  # SGLang ignores an empty rid (it would match everything)
+        for key, task in list(self._running.items()):
+            if (abort_all or key.startswith(rid)) and task not in self._aborting:
+                self._aborting.add(task)
+                task.cancel()
+                log.info("generate_aborted", rid=key)
+        return web.Response(status=200)
+
+    async def _generate_parsed(
+        self, request: web.Request, parsed: ParsedGenerate, started: float
+    ) -> web.StreamResponse:
         if parsed.stream:
             return await self._generate_stream(request, parsed, started)
         failure: list[EngineError] = []

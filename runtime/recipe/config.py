@@ -2,7 +2,8 @@
 (``envtune-eval``) and ``ServeConfig`` (``envtune-serve``).
 
 Each is a tree of frozen dataclasses with a default and a docstring per field, and each component
-takes its own section unchanged: ``sampling`` is ``agents.SamplingConfig``, ``rollout`` is
+takes its own section unchanged: ``sampling`` is ``agents.SamplingConfig``, ``grammar`` is
+``agents.GrammarOptions``, ``rollout`` is
 ``runtime.rollout.RolloutConfig``, ``learner`` is ``optim.LearnerConfig``, a stage's ``episode`` is
 ``environments.EpisodeConfig``, ``engine.embedded``/``engine.sglang`` are the engines' settings. So
 every knob is declared once. The dataclass defaults ARE the paper preset (docs/method.md §2, §7.8;
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from envtune.agents.config import SamplingConfig
+from envtune.agents.grammar import GrammarOptions
 from envtune.environments.episode import EVAL_MAX_STEPS_PER_TURN, EpisodeConfig
 from envtune.environments.tasks import CATEGORIES
 from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
@@ -98,7 +100,10 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class PromotionConfig:
-    """When a stage ends: a metric's window mean passes a threshold, or a step budget runs out."""
+    """When a stage ends (docs/method.md §2): the paper's rule, the metric has plateaued and the
+    gradient norm is stable, bounded by a threshold (promote early once the metric's window mean
+    reaches it) and a step budget (promote at the latest after ``max_steps``). The first of the three
+    to hold fires, and the promotion record says which and why."""
 
     metric: str = ""
     """Metric name (a key of the step metrics, e.g. ``train/format_reward``,
@@ -114,12 +119,30 @@ class PromotionConfig:
     max_steps: int = 100
     """Step budget: promote after this many learner steps in the stage at the latest; 0 = no
     budget (then ``metric`` alone ends the stage)."""
+    plateau_patience: int = 0
+    """The plateau rule (paper Remark 3.1): the metric has plateaued when its window mean has not
+    risen more than ``plateau_min_delta`` above its best earlier window mean (within the stage) for
+    this many consecutive values; 0 turns the rule off (threshold and budget only)."""
+    plateau_min_delta: float = 0.01
+    """Smallest rise of the window mean that counts as an improvement."""
+    grad_norm_window: int = 10
+    """The plateau rule also needs a stable gradient: ``learner/grad_norm`` over this many most
+    recent steps of the stage (steps that applied no update are left out)."""
+    grad_norm_max_cv: float = 0.5
+    """Stable means a coefficient of variation (std / mean) of those gradient norms at most this
+    (the paper's collapse starts with the norm growing several-fold within tens of steps)."""
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.max_steps < 0 or self.min_steps < 0:
             raise ValueError("promotion needs window >= 1, min_steps >= 0, max_steps >= 0")
         if not self.metric and self.max_steps <= 0:
             raise ValueError("promotion needs a metric or a max_steps budget, or the stage never ends")
+        if self.plateau_patience < 0 or self.grad_norm_window < 2:
+            raise ValueError("plateau_patience must be >= 0 and grad_norm_window >= 2")
+        if self.plateau_patience and not self.metric:
+            raise ValueError("the plateau rule needs a metric")
+        if not (self.plateau_min_delta >= 0 and self.grad_norm_max_cv > 0):
+            raise ValueError("plateau_min_delta must be >= 0 and grad_norm_max_cv > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +163,20 @@ class StageConfig:
     """BFCL categories of the stage's tasks."""
     max_tasks: int = 0
     """Keep at most this many tasks (0 = all), picked by ``selection``."""
-    selection: Literal["random", "easiest"] = "random"
-    """Which tasks ``max_tasks`` keeps: a seeded random subset, or the fewest ground-truth calls."""
+    selection: Literal["random", "easiest", "shortest"] = "random"
+    """Which tasks ``max_tasks`` keeps: a seeded random subset, the fewest ground-truth calls
+    (``easiest``), or the shortest prompts (``shortest``: fewest characters of function docs and user
+    questions, the cheapest episodes when compute is the limit, e.g. on a CPU)."""
     constrained: bool = False
     """Grammar-constrained decoding of the reply format."""
+    learner_masks: Literal["replay", "unconstrained_target"] = "replay"
+    """Which policy the learner trains when replies are sampled under the grammar. ``replay``: the
+    constrained policy (the grammar is part of the policy, as when evaluating constrained): the
+    learner replays each reply's grammar masks for the policy, the KL reference and the entropy, so
+    its logprobs equal the engine's behaviour logprobs. ``unconstrained_target``: the free policy
+    (evaluation unconstrained); constrained samples say almost nothing about it (the behaviour weight
+    is the unmasked mass of the allowed tokens, median 0.005 on BFCL with the tiny model), so this
+    choice refuses ``constrained = true``."""
     zero_variance: Literal["drop", "keep"] = "drop"
     """A group whose rewards are all equal has all-zero GRPO advantages: ``drop`` it (envtune's
     default; it would only add KL and entropy terms) or ``keep`` it (the release keeps every group)."""
@@ -158,6 +191,13 @@ class StageConfig:
             raise ValueError(f"categories {sorted(unknown) or 'empty'}; valid: {list(CATEGORIES)}")
         if self.max_tasks < 0:
             raise ValueError(f"max_tasks must be >= 0, got {self.max_tasks}")
+        if self.constrained and self.learner_masks == "unconstrained_target":
+            raise ValueError(
+                f"stage {self.name}: learner_masks = 'unconstrained_target' trains the unconstrained "
+                "policy, which grammar-constrained samples cannot teach (their behaviour weights "
+                "collapse); set constrained = false, or learner_masks = 'replay' to train the "
+                "constrained policy"
+            )
 
 
 PAPER_STAGES: tuple[StageConfig, ...] = (
@@ -168,20 +208,28 @@ PAPER_STAGES: tuple[StageConfig, ...] = (
         categories=("base",),
         max_tasks=75,
         selection="easiest",
-        promotion=PromotionConfig(metric="train/format_reward", window=5, threshold=0.95, max_steps=80),
+        # The stage's own reward, not the format alone: a policy that only answers is well formed
+        # (R_format = 1) but scores 0 here (I_tool = 0), so it never passes.
+        promotion=PromotionConfig(metric="train/reward", window=5, threshold=1.8, max_steps=80),
     ),
     StageConfig(
         name="hints",
         reward=RewardKind.PROGRESS,
         episode=EpisodeConfig(feedback=FeedbackMode.AUGMENTED, prompt_style=PromptStyle.BASIC),
         categories=("base",),
-        promotion=PromotionConfig(metric="validation/progress", window=3, threshold=0.6, max_steps=80),
+        promotion=PromotionConfig(
+            metric="validation/progress", window=3, threshold=0.6, min_steps=20, max_steps=80,
+            plateau_patience=3,
+        ),
     ),
     StageConfig(
         name="hard",
         reward=RewardKind.PROGRESS,
         episode=EpisodeConfig(feedback=FeedbackMode.AUGMENTED, prompt_style=PromptStyle.RESOURCEFUL),
-        promotion=PromotionConfig(metric="validation/progress", window=3, threshold=0.5, max_steps=240),
+        promotion=PromotionConfig(
+            metric="validation/progress", window=3, threshold=0.5, min_steps=20, max_steps=240,
+            plateau_patience=3,
+        ),
     ),
     StageConfig(
         name="independent",
@@ -193,8 +241,12 @@ PAPER_STAGES: tuple[StageConfig, ...] = (
 """The paper's four stages (docs/method.md §2): syntax on a small easy base subset with standard
 feedback, base with hints, all four categories with hints and the resourceful prompt, then all four
 with standard feedback. Step budgets follow the release (about 80 / 60-80 / 240 steps; stage 4 has
-none published, 120 is envtune's choice); the thresholds replace the paper's manual 'validation
-plateaued' call and are envtune's choice. Constrained decoding is off in every stage: the paper
+none published, 120 is envtune's choice). Stages 2 and 3 end by the paper's rule made automatic:
+validation progress plateaued (no rise of its 3-validation mean above its best by more than 0.01
+for 3 validations, i.e. 15 steps) with a stable gradient norm, after at least 20 steps; their
+thresholds (0.6, 0.5, above the paper's own validation curves) only cut a stage short that is far
+ahead. Stage 1 promotes on its own reward (mean >= 1.8 of 2 over 5 steps: calls that are well formed
+and execute). Constrained decoding is off in every stage: the paper
 samples unconstrained, stage 1 exists to *learn* the format (a grammar would saturate R_format and
 leave no signal), and evaluation is unconstrained."""
 
@@ -251,10 +303,16 @@ class RunConfig:
     """Trajectories written per sampled step."""
     progress_bar: bool = True
     """Show a progress line on stderr."""
+    no_progress_timeout_s: float = 3600.0
+    """Fail the run (non-zero exit, checkpoint, report) when no learner step completes for this
+    long (0 = never): a run that cannot progress, e.g. an engine that stopped answering, says so
+    instead of hanging. Generous by default: a step with validation may take many minutes on a GPU."""
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.checkpoint_every < 0 or self.sample_trajectories_every < 0:
             raise ValueError("max_steps, checkpoint_every and sample_trajectories_every must be >= 0")
+        if not self.no_progress_timeout_s >= 0:
+            raise ValueError(f"no_progress_timeout_s must be >= 0, got {self.no_progress_timeout_s}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
@@ -281,6 +339,9 @@ class Config:
     """The inference backend."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Sampling of training rollouts (verl's defaults; the release sets none) and episode length caps."""
+    grammar: GrammarOptions = field(default_factory=GrammarOptions)
+    """The reply grammar of stages with ``constrained = true`` (and of their validation); the
+    defaults allow the whole paper format."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     """Rollout production: GRPO groups, concurrency, the staleness bound."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)

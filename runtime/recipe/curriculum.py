@@ -20,6 +20,7 @@ checked when the scheduler is built and again at every dispatch.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import statistics
@@ -31,15 +32,21 @@ from typing import Any, Literal
 import structlog
 from envtune.agents.trajectory import Trajectory
 from envtune.environments.episode import EpisodeConfig
-from envtune.environments.tasks import Split, Task, load_split, load_tasks
+from envtune.environments.tasks import Split, Task, load_function_docs, load_split, load_tasks
 from envtune.environments.types import RewardKind
 from envtune.optim.advantages import is_zero_variance
-from envtune.runtime.recipe.config import CurriculumConfig, StageConfig
+from envtune.runtime.recipe.config import CurriculumConfig, PromotionConfig, StageConfig
 
 log = structlog.get_logger(__name__)
 
-STATE_VERSION = 1
-"""Version of ``state_dict()``'s layout (checked by ``load_state_dict``)."""
+STATE_VERSION = 2
+"""Version of ``state_dict()``'s layout (checked by ``load_state_dict``; 1 lacks the plateau state)."""
+
+GRAD_NORM_METRIC = "learner/grad_norm"
+"""The step metric the plateau rule reads the gradient norm from."""
+
+PromotionReason = Literal["threshold", "plateau", "budget"]
+"""Why a stage ended (see ``config.PromotionConfig``)."""
 
 
 class CurriculumError(RuntimeError):
@@ -136,14 +143,17 @@ class Promotion:
     """The stage new dispatches get from now on, or None when the curriculum is over."""
     to_name: str | None
     """Its name."""
-    reason: Literal["threshold", "budget"]
-    """``threshold``: the metric's window mean passed it; ``budget``: the step budget ran out."""
+    reason: PromotionReason
+    """``threshold``: the metric's window mean passed it; ``plateau``: the metric stopped improving
+    while the gradient norm was stable (the paper's rule); ``budget``: the step budget ran out."""
     metric: str
     """The rule's metric (empty for a budget-only rule)."""
     value: float | None
     """The window mean when the rule fired (None when the window was not full)."""
     steps_in_stage: int
     """Learner steps the ended stage ran."""
+    detail: str = ""
+    """Why, in words (the numbers the rule compared), for the log and the report."""
 
     def to_record(self) -> dict[str, Any]:
         """The promotion as a ``metrics.jsonl`` event record."""
@@ -158,6 +168,7 @@ class Promotion:
             "metric": self.metric,
             "value": self.value,
             "steps_in_stage": self.steps_in_stage,
+            "detail": self.detail,
         }
 
 
@@ -204,6 +215,10 @@ class _StageState:
     zero_variance: int = 0
     dropped: int = 0
     window: deque[float] = field(default_factory=deque)
+    means: list[float] = field(default_factory=list)
+    """Every full window's mean, in order (the plateau rule's history)."""
+    grad_norms: deque[float] = field(default_factory=deque)
+    """The most recent gradient norms of updating steps."""
 
 
 def _rank(seed: int, salt: str, task_id: str) -> str:
@@ -224,6 +239,18 @@ def stage_pool(stage: StageConfig, split: Split, tasks: Mapping[str, Task], seed
                 return (sum(len(turn) for turn in task.ground_truth), task.num_turns, task_id)
 
             ids = sorted(ids, key=difficulty)[: stage.max_tasks]
+        elif stage.selection == "shortest":
+            docs_chars: dict[str, int] = {}
+            for doc in load_function_docs().values():
+                chars = len(json.dumps(doc.to_json()))
+                docs_chars[doc.class_name] = docs_chars.get(doc.class_name, 0) + chars
+
+            def length(task_id: str) -> tuple[int, str]:
+                task = tasks[task_id]
+                questions = sum(len(q) for turn in task.questions for q in turn)
+                return (sum(docs_chars.get(c, 0) for c in task.involved_classes) + questions, task_id)
+
+            ids = sorted(ids, key=length)[: stage.max_tasks]
         else:
             ids = sorted(ids, key=lambda i: _rank(seed, f"select:{stage.name}", i))[: stage.max_tasks]
     if not ids:
@@ -254,7 +281,10 @@ class CurriculumScheduler:
         self._validation_ids = self._pick_validation()
         self._index = 0  # 0-based index of the current stage; len(stages) once finished
         self._states = [
-            _StageState(window=deque(maxlen=s.promotion.window)) for s in config.stages
+            _StageState(
+                window=deque(maxlen=s.promotion.window), grad_norms=deque(maxlen=s.promotion.grad_norm_window)
+            )
+            for s in config.stages
         ]
         self._orders: dict[tuple[int, int], tuple[str, ...]] = {}
         self._dispatched = 0
@@ -416,14 +446,30 @@ class CurriculumScheduler:
         rule = stage.promotion
         if rule.metric and rule.metric in merged and math.isfinite(merged[rule.metric]):
             state.window.append(float(merged[rule.metric]))
+            if len(state.window) == rule.window:
+                state.means.append(statistics.fmean(state.window))
+        grad_norm = merged.get(GRAD_NORM_METRIC)
+        if grad_norm is not None and math.isfinite(grad_norm) and not merged.get("learner/skipped"):
+            state.grad_norms.append(float(grad_norm))
         window_mean = statistics.fmean(state.window) if len(state.window) == rule.window else None
         promotion: Promotion | None = None
         if rule.metric and window_mean is not None and state.steps >= rule.min_steps:
             at_least = rule.comparison == ">="
             if (window_mean >= rule.threshold) if at_least else (window_mean <= rule.threshold):
-                promotion = self._promote(step, "threshold", window_mean)
+                detail = (
+                    f"{rule.metric} mean {window_mean:.4g} over {rule.window} values "
+                    f"{rule.comparison} threshold {rule.threshold:g}"
+                )
+                promotion = self._promote(step, "threshold", window_mean, detail)
+            else:
+                plateau = self._plateau(rule, state)
+                if plateau is not None:
+                    promotion = self._promote(step, "plateau", window_mean, plateau)
         if promotion is None and rule.max_steps and state.steps >= rule.max_steps:
-            promotion = self._promote(step, "budget", window_mean)
+            detail = f"step budget of {rule.max_steps} steps spent"
+            if window_mean is not None:
+                detail += f" ({rule.metric} mean {window_mean:.4g}, threshold {rule.threshold:g} not reached)"
+            promotion = self._promote(step, "budget", window_mean, detail)
         out = {
             **own,
             "curriculum/stage": float(promotion.from_stage if promotion else self.stage),
@@ -433,9 +479,34 @@ class CurriculumScheduler:
         }
         if window_mean is not None:
             out["curriculum/window_mean"] = window_mean
+        cv = _coefficient_of_variation(state.grad_norms)
+        if cv is not None:
+            out["curriculum/grad_norm_cv"] = cv
         return StepSummary(metrics=out, promotion=promotion)
 
-    def _promote(self, step: int, reason: Literal["threshold", "budget"], value: float | None) -> Promotion:
+    @staticmethod
+    def _plateau(rule: PromotionConfig, state: _StageState) -> str | None:
+        """Why the plateau rule holds now, or None: the last ``plateau_patience`` window means rose no
+        more than ``plateau_min_delta`` above the best one before them, and the gradient norm is stable."""
+        patience = rule.plateau_patience
+        if not patience or len(state.means) <= patience:
+            return None
+        best_before = max(state.means[:-patience])
+        recent_best = max(state.means[-patience:])
+        if recent_best > best_before + rule.plateau_min_delta:
+            return None
+        if len(state.grad_norms) < rule.grad_norm_window:
+            return None
+        cv = _coefficient_of_variation(state.grad_norms)
+        if cv is None or cv > rule.grad_norm_max_cv:
+            return None
+        return (
+            f"{rule.metric} plateaued: best mean of the last {patience} values {recent_best:.4g} is within "
+            f"{rule.plateau_min_delta:g} of the best before {best_before:.4g}; {GRAD_NORM_METRIC} stable "
+            f"(CV {cv:.3g} <= {rule.grad_norm_max_cv:g} over {len(state.grad_norms)} steps)"
+        )
+
+    def _promote(self, step: int, reason: PromotionReason, value: float | None, detail: str) -> Promotion:
         ended = self.config.stages[self._index]
         steps = self._states[self._index].steps
         self._index += 1
@@ -450,6 +521,7 @@ class CurriculumScheduler:
             metric=ended.promotion.metric,
             value=value,
             steps_in_stage=steps,
+            detail=detail,
         )
         self._promotions.append(promotion)
         log.info("curriculum_promotion", **{k: v for k, v in promotion.to_record().items() if k != "event"})
@@ -487,6 +559,8 @@ class CurriculumScheduler:
                     "zero_variance": s.zero_variance,
                     "dropped": s.dropped,
                     "window": list(s.window),
+                    "means": list(s.means),
+                    "grad_norms": list(s.grad_norms),
                 }
                 for s in self._states
             ],
@@ -495,7 +569,7 @@ class CurriculumScheduler:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``; the config's stage names must match the saved ones."""
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise CurriculumError(f"curriculum state version {state.get('version')} != {STATE_VERSION}")
         names = [s.name for s in self.config.stages]
         if list(state["stage_names"]) != names:
@@ -512,7 +586,21 @@ class CurriculumScheduler:
             own.zero_variance = int(saved["zero_variance"])
             own.dropped = int(saved["dropped"])
             own.window = deque((float(v) for v in saved["window"]), maxlen=stage.promotion.window)
+            own.means = [float(v) for v in saved.get("means", ())]
+            own.grad_norms = deque(
+                (float(v) for v in saved.get("grad_norms", ())), maxlen=stage.promotion.grad_norm_window
+            )
         self._pending = []
         self._promotions = [
             Promotion(**{k: v for k, v in record.items() if k != "event"}) for record in state["promotions"]
         ]
+
+
+def _coefficient_of_variation(values: Sequence[float]) -> float | None:
+    """std / mean of ``values`` (population std), None with fewer than two or a mean of 0."""
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    if mean <= 0:
+        return None
+    return statistics.pstdev(values) / mean

@@ -32,6 +32,7 @@ from envtune.runtime.metrics import RateMeter
 from envtune.runtime.recipe.config import RunConfig
 from envtune.runtime.recipe.curriculum import CurriculumScheduler, GroupOutcome
 from envtune.runtime.recipe.episodes import CurriculumTaskSource
+from envtune.runtime.recipe.learner_masks import BatchMasks
 from envtune.runtime.recipe.run_folder import RunFolder
 from envtune.runtime.records import DropReason, GroupsDiscarded, PolicyUpdated, TrajectoryGroup, is_stale
 from envtune.runtime.rollout import RolloutActor, RolloutConfig
@@ -62,6 +63,7 @@ class LearnerActor(Actor[TrajectoryGroup]):
         decode: Callable[[Sequence[int]], str],
         validate: Callable[[], Awaitable[dict[str, float]]] | None = None,
         on_step: Callable[[Mapping[str, Any]], None] | None = None,
+        masks: BatchMasks | None = None,
         start_step: int = 0,
         mailbox_size: int | None = None,
         name: str = "learner",
@@ -76,6 +78,8 @@ class LearnerActor(Actor[TrajectoryGroup]):
         self._decode = decode
         self._validate = validate
         self._on_step = on_step
+        self._masks = masks
+        """Replays the grammar masks of constrained replies (None: the run samples unconstrained)."""
         self.step = start_step
         """Learner steps completed (including those before a resume)."""
         self.done = asyncio.Event()
@@ -146,8 +150,12 @@ class LearnerActor(Actor[TrajectoryGroup]):
         stage_name = self.scheduler.stage_config.name
         version_before = self.learner.policy_version
         trajectories = [t for g in batch for t in g.trajectories]
-        metrics = await asyncio.to_thread(self.learner.step, trajectories)
+        token_masks = self._masks.source(trajectories) if self._masks is not None else None
+        if token_masks is None and any(t.constrained for t in trajectories):
+            raise RuntimeError("constrained trajectories reached a learner built without mask replay")
+        metrics = await asyncio.to_thread(self.learner.step, trajectories, token_masks=token_masks)
         if not metrics.updated:
+            log.warning("learner_step_not_applied", step=self.step + 1, reason=str(metrics.skip_reason))
             # The weights did not move, so the version did not either: these groups were consumed
             # without a step, and the gate must get their slots back or dispatch stalls for good.
             await self._discard(len(batch), DropReason.NOT_TRAINED)
@@ -157,6 +165,8 @@ class LearnerActor(Actor[TrajectoryGroup]):
         step_metrics: dict[str, float] = {
             f"learner/{k}": float(v) for k, v in metrics.as_dict().items() if isinstance(v, int | float)
         }
+        if metrics.skip_reason is not None:
+            step_metrics["learner/skipped"] = 1.0
         step_metrics["rollout/group_staleness_mean"] = sum(
             version_before - g.start_version for g in batch
         ) / len(batch)
@@ -178,7 +188,12 @@ class LearnerActor(Actor[TrajectoryGroup]):
         }
         self.folder.append_metrics(record)
         if summary.promotion is not None:
-            self.folder.append_metrics(summary.promotion.to_record())
+            record_event = summary.promotion.to_record()
+            if summary.promotion.to_stage is not None:
+                # kl_reference = stage_start: the next stage is anchored to the policy it starts from.
+                snapshot = await asyncio.to_thread(self.learner.snapshot_reference)
+                record_event["kl_reference_version"] = self.learner.policy_version if snapshot else None
+            self.folder.append_metrics(record_event)
         self._write_samples(trajectories)
         if self.run_config.checkpoint_every and self.step % self.run_config.checkpoint_every == 0:
             await self.checkpoint()
@@ -200,6 +215,8 @@ class LearnerActor(Actor[TrajectoryGroup]):
             "rollout/episodes_completed": float(stats.episodes_completed),
             "rollout/episodes_dropped": float(stats.episodes_dropped),
             "rollout/in_flight": float(stats.in_flight),
+            "rollout/episodes_aborted": float(stats.episodes_aborted),
+            "rollout/tokens_saved_estimate": stats.tokens_saved_estimate,
         }
 
     def _write_samples(self, trajectories: Sequence[Trajectory]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from envtune.runtime.recipe.report_summary import headline, stage_reward_figure, warnings
 from envtune.runtime.recipe.run_folder import RunFolder
 
 log = structlog.get_logger(__name__)
@@ -72,6 +73,7 @@ PLOTS: tuple[PlotSpec, ...] = (
         "Learner",
         lambda k: (
             k.startswith(("learner/", "optim/"))
+            and not k.rsplit("/", 1)[-1].startswith("num_")  # num_loss_tokens is a count, not a loss
             and any(w in k for w in ("loss", "kl", "entropy", "grad_norm", "clip"))
         ),
     ),
@@ -174,6 +176,8 @@ def write_report(folder: RunFolder, title: str = "") -> Path:
     steps, events = split_records(folder.read_metrics())
     promotions = [e for e in events if e.get("event") == "promotion"]
     images = [p for spec in PLOTS if (p := _plot(spec, steps, promotions, out)) is not None]
+    stage_plot = stage_reward_figure(steps, promotions, out)
+    images = [stage_plot, *images] if stage_plot is not None else images
     config_text = folder.config_path.read_text(encoding="utf-8") if folder.config_path.exists() else ""
     other_events = [e for e in events if e.get("event") not in ("promotion", "runtime")]
     name = title or folder.path.name
@@ -187,12 +191,14 @@ def write_report(folder: RunFolder, title: str = "") -> Path:
         f"<p>Run folder <code>{html.escape(str(folder.path))}</code>; report written "
         f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M:%S')} UTC; "
         f"{len(steps)} learner steps logged.</p>",
+        f"<p><b>{html.escape(headline(steps).text())}</b></p>",
+        *(f"<p style='color:#a00'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings(steps, events)),
         "<h2>Stage promotions</h2>",
     ]
     if promotions:
         parts.append(
             "<table><tr><th>step</th><th>from</th><th>to</th><th>reason</th><th>metric</th>"
-            "<th>window mean</th><th>steps in stage</th></tr>"
+            "<th>window mean</th><th>steps in stage</th><th>why</th></tr>"
         )
         for p in promotions:
             parts.append(
@@ -207,6 +213,7 @@ def write_report(folder: RunFolder, title: str = "") -> Path:
                         p.get("metric") or "-",
                         p.get("value") if p.get("value") is not None else "-",
                         p.get("steps_in_stage"),
+                        p.get("detail") or "-",
                     )
                 )
                 + "</tr>"

@@ -13,22 +13,32 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from envtune.agents.chat_tokens import ChatTokenizer
 from envtune.agents.engine import Engine, WeightSync
-from envtune.agents.grammar import ConstraintCache, GrammarOptions
+from envtune.agents.grammar import ConstraintCache
 from envtune.environments.episode import BfclEnvironment
 from envtune.runtime.metrics import MetricsRecorder
 from envtune.runtime.recipe.config import Config
 from envtune.runtime.recipe.curriculum import CurriculumScheduler
-from envtune.runtime.recipe.episodes import CurriculumEpisodes, CurriculumTaskSource, make_validator
+from envtune.runtime.recipe.episodes import (
+    CurriculumEpisodes,
+    CurriculumTaskSource,
+    EpisodeSource,
+    GroupAdapters,
+    make_validator,
+)
 from envtune.runtime.recipe.learner_actor import LearnerActor, restore
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder
 from envtune.runtime.rollout import RolloutActor
 from envtune.runtime.supervisor import Supervisor
+from envtune.runtime.watchdog import NoProgressError, ProgressWatchdog
 from envtune.runtime.weight_sync import AdapterPublisher
+
+if TYPE_CHECKING:
+    from envtune.optim.learner import Learner
 
 log = structlog.get_logger(__name__)
 
@@ -59,24 +69,38 @@ async def train(
     checkpoint: Checkpoint | None = None,
     stop: asyncio.Event | None = None,
     on_step: Callable[[Mapping[str, Any]], None] | None = None,
+    env: EpisodeSource | None = None,
+    scheduler: CurriculumScheduler | None = None,
+    wrap_learner: Callable[[Learner], Learner] | None = None,
 ) -> int:
     """Run the curriculum into ``folder`` until it ends, the step budget ends or ``stop`` is set.
 
     ``engine`` samples the episodes, ``weight_sync`` receives every published adapter (usually the
     same SGLang client). Returns the number of learner steps completed (including those before a
-    resume).
+    resume). ``env``, ``scheduler`` and ``wrap_learner`` replace parts for tests and benchmarks (a
+    toy environment and its curriculum, a control arm's learner); a run leaves them None.
     """
     from envtune.optim.learner import Learner
     from transformers import AutoTokenizer
 
     stop = stop or asyncio.Event()
-    scheduler = CurriculumScheduler(config.curriculum, seed=config.run.seed)
+    if scheduler is None:
+        scheduler = CurriculumScheduler(config.curriculum, seed=config.run.seed)
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_path)
     chat = ChatTokenizer(tokenizer)
-    env = BfclEnvironment()
+    bfcl = BfclEnvironment()
     model = await asyncio.to_thread(load_policy_model, model_path)
     # The learner divides logits by the rollout temperature to match the behaviour logprobs.
     learner = Learner(model, config.learner, temperature=config.sampling.temperature)
+    if wrap_learner is not None:
+        learner = wrap_learner(learner)
+    masks = None
+    if any(stage.constrained for stage in config.curriculum.stages):
+        from envtune.runtime.recipe.learner_masks import BatchMasks
+
+        # Constrained stages train the constrained policy (learner_masks = "replay"): the learner
+        # replays each reply's grammar masks, so its logprobs are the engine's behaviour logprobs.
+        masks = await asyncio.to_thread(BatchMasks.for_model, model, tokenizer)
     start_step = 0
     if checkpoint is not None:
         await asyncio.to_thread(restore, learner, scheduler, checkpoint.path, checkpoint.state)
@@ -85,8 +109,7 @@ async def train(
     publisher = AdapterPublisher(folder.path / "adapters", [weight_sync])
     if learner.policy_version > 0:
         await publisher.publish(learner)
-    think = config.sampling.max_think_chars
-    constraints = ConstraintCache(options=GrammarOptions(max_think_chars=think or None))
+    constraints = ConstraintCache(options=config.grammar)
     concurrency = config.rollout.max_concurrent_episodes
     learner_actor = LearnerActor(
         learner,
@@ -99,7 +122,7 @@ async def train(
         validate=make_validator(
             scheduler,
             engine,
-            env,
+            bfcl,
             chat,
             publisher,
             config.sampling,
@@ -107,18 +130,21 @@ async def train(
             constraints=constraints,
         ),
         on_step=on_step,
+        masks=masks,
         start_step=start_step,
     )
     source = CurriculumTaskSource(scheduler)
     if scheduler.finished or (config.run.max_steps and start_step >= config.run.max_steps):
         log.info("nothing_to_do", step=start_step)
         return start_step
+    pins = GroupAdapters(publisher)  # one adapter version per GRPO group, held until it ends
     rollout = RolloutActor(
         config.rollout,
         source,
-        CurriculumEpisodes(engine, env, chat, publisher, config.sampling, constraints),
+        CurriculumEpisodes(engine, env or bfcl, chat, publisher, config.sampling, constraints, pins),
         learner_actor,
         policy_version=learner.policy_version,
+        pins=pins,
     )
     learner_actor.connect(rollout, source)
     recorder = MetricsRecorder(
@@ -131,14 +157,56 @@ async def train(
     )
     supervisor = Supervisor([rollout, learner_actor, recorder], stop_timeout_s=LEARNER_STOP_TIMEOUT_S)
 
+    timeout_s = config.run.no_progress_timeout_s
+    await run_actors(supervisor, learner_actor, rollout, folder, stop, no_progress_timeout_s=timeout_s)
+    return learner_actor.step
+
+
+async def run_actors(
+    supervisor: Supervisor,
+    learner_actor: LearnerActor,
+    rollout: RolloutActor,
+    folder: RunFolder,
+    stop: asyncio.Event,
+    *,
+    no_progress_timeout_s: float,
+) -> None:
+    """Run the supervised actors until the learner is done, ``stop`` is set, or no learner step
+    completes for ``no_progress_timeout_s`` (0 = never): then ``NoProgressError`` is raised after
+    the orderly stop (the learner checkpoints on its way out) and a ``run_failed`` event is logged."""
+
+    def describe() -> str:
+        r = rollout.statistics()
+        return (
+            f"step {learner_actor.step}, stage {learner_actor.scheduler.stage}; rollout: "
+            f"{r.episodes_running} episodes running, {r.in_flight} in flight, gate admits "
+            f"{r.admission_capacity}, dispatching {r.dispatching}; learner queue "
+            f"{learner_actor.mailbox.statistics().depth} groups"
+        )
+
     async def until_done_or_stopped() -> None:
-        async with asyncio.TaskGroup() as group:
-            waiters = {group.create_task(learner_actor.done.wait()), group.create_task(stop.wait())}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()  # the other one: a cancelled child ends the group quietly
+        try:
+            async with asyncio.TaskGroup() as group:
+                waiters = {group.create_task(learner_actor.done.wait()), group.create_task(stop.wait())}
+                if no_progress_timeout_s:
+                    watchdog = ProgressWatchdog(
+                        no_progress_timeout_s, lambda: learner_actor.step, describe, what="learner step"
+                    )
+                    waiters.add(group.create_task(watchdog.run()))
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()  # the others: a cancelled child ends the group quietly
+        except* NoProgressError as stalled:
+            error = stalled.exceptions[0]
+            log.error("training_stalled", error=str(error))
+            event = {"event": "run_failed", "step": learner_actor.step, "reason": "no_progress"}
+            folder.append_metrics({**event, "message": str(error)})
+            learner_actor.finish("no progress")
+            raise error from None
         if stop.is_set():
             learner_actor.finish("stop requested")
 
-    await supervisor.run(until_done_or_stopped())
-    return learner_actor.step
+    try:
+        await supervisor.run(until_done_or_stopped())
+    except* NoProgressError as stalled:  # the supervisor's TaskGroup wraps it; the caller wants it bare
+        raise stalled.exceptions[0] from None

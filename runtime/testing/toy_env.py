@@ -10,7 +10,9 @@ the time; when every prompt names the same tool, a working training loop raises 
 the prompt, a slower lesson for a random model (the name is one token among dozens).
 
 It has the episode API of ``envtune.environments.Episode`` (``start``, ``visible_tools``, ``step``,
-``score``, ``done``, ``close``). Deliberately left out: multiple turns, feedback, anything of BFCL's.
+``score``, ``done``, ``close``); ``ToyEnvironment`` and ``toy_curriculum_data`` let the real
+curriculum, rollout and learner actors run it (``tests/test_learning_actors.py``).
+Deliberately left out: multiple turns, feedback, anything of BFCL's.
 A format error ends the episode too (BFCL would let the model retry within the turn).
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from envtune.environments.episode import EpisodeStateError
+from envtune.environments.tasks import Split, Task
 from envtune.environments.tool_calls import FormatError, parse_reply
 from envtune.environments.types import (
     CallOutcome,
@@ -131,3 +134,45 @@ class NamedToolEpisode:
 
     def close(self) -> None:
         """Nothing to release (the BFCL episode's API has it)."""
+
+
+# --- the probe as a curriculum's environment --------------------------------------------------------
+
+TOY_TASK_PREFIX = "toy_"
+"""Task ids of the probe in a curriculum: ``toy_<seed>`` plays ``NamedToolEpisode(seed)``."""
+
+
+def toy_task_id(seed: int) -> str:
+    return f"{TOY_TASK_PREFIX}{seed}"
+
+
+class ToyEnvironment:
+    """``make_episode`` for a curriculum over toy task ids (the ``BfclEnvironment`` role)."""
+
+    def __init__(self, names: Sequence[str] = TOY_TOOLS) -> None:
+        self._names = tuple(names)
+
+    def make_episode(self, task_id: str, config: object = None) -> NamedToolEpisode:
+        """The probe episode of ``toy_<seed>``; the stage's episode config has nothing to set here."""
+        if not task_id.startswith(TOY_TASK_PREFIX):
+            raise ValueError(f"not a toy task id: {task_id!r}")
+        return NamedToolEpisode(int(task_id.removeprefix(TOY_TASK_PREFIX)), self._names)
+
+
+def toy_curriculum_data(seeds: Sequence[int]) -> tuple[Split, dict[str, Task]]:
+    """A split and task records that let ``CurriculumScheduler`` hand out toy tasks: every seed is a
+    ``base`` training task (no test or validation ids), so any stage over ``base`` draws from them."""
+    ids = tuple(toy_task_id(seed) for seed in seeds)
+    tasks = {
+        task_id: Task(
+            id=task_id,
+            category="base",
+            questions=((task_id,),),
+            initial_config={},
+            involved_classes=(),
+            ground_truth=((),),
+            missed_function={},
+        )
+        for task_id in ids
+    }
+    return Split(train=ids, test=(), validation=()), tasks
