@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from envtune.runtime.engines.settings import RouterSettings
 from envtune.runtime.engines.sglang_launcher import (
     RouterConfig,
     SGLangRouter,
@@ -81,16 +82,17 @@ async def served_by(session: aiohttp.ClientSession, router: str, workers: list[s
 
 async def test_routing_key_header_pins_requests_to_one_worker(two_workers: list[str], tmp_path: Path) -> None:
     sticky = RouterConfig(
-        python=sys.executable, worker_urls=tuple(two_workers), port=free_port(), log_dir=str(tmp_path)
-    )
+        RouterSettings(port=free_port()), python=sys.executable, worker_urls=tuple(two_workers),
+        log_dir=str(tmp_path),
+    )  # fmt: skip
     async with SGLangRouter(sticky) as router, aiohttp.ClientSession() as session:
         for key in ("episode-a", "episode-b", "episode-c", "episode-d"):
             seen = {await served_by(session, router.url, two_workers, key) for _ in range(4)}
             assert len(seen) == 1, (key, seen)
         router.check()
     spread = RouterConfig(
-        python=sys.executable, worker_urls=tuple(two_workers), port=free_port(), policy="round_robin",
-        log_dir=str(tmp_path),
+        RouterSettings(port=free_port(), policy="round_robin"), python=sys.executable,
+        worker_urls=tuple(two_workers), log_dir=str(tmp_path),
     )  # fmt: skip
     async with SGLangRouter(spread) as router, aiohttp.ClientSession() as session:
         seen = {await served_by(session, router.url, two_workers, "episode-a") for _ in range(4)}

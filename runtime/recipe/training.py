@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from envtune.agents.chat_tokens import ChatTokenizer
@@ -30,23 +30,15 @@ from envtune.runtime.rollout import RolloutActor
 from envtune.runtime.supervisor import Supervisor
 from envtune.runtime.weight_sync import AdapterPublisher
 
+if TYPE_CHECKING:
+    from envtune.optim.learner import PolicyLearner
+
 log = structlog.get_logger(__name__)
 
 METRICS_INTERVAL_S = 30.0
 """Period of the runtime's own metrics records in ``metrics.jsonl``."""
 LEARNER_STOP_TIMEOUT_S = 3600.0
 """The learner may be mid-step (minutes on a GPU) when asked to stop: it gets this long to finish."""
-
-
-def load_policy_model(path: Path) -> Any:
-    """The policy model for the learner: bf16 on a GPU, fp32 on the CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if torch.cuda.is_available():
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-        return model.to("cuda")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 async def train(
@@ -59,14 +51,16 @@ async def train(
     checkpoint: Checkpoint | None = None,
     stop: asyncio.Event | None = None,
     on_step: Callable[[Mapping[str, Any]], None] | None = None,
+    learner: PolicyLearner | None = None,
 ) -> int:
     """Run the curriculum into ``folder`` until it ends, the step budget ends or ``stop`` is set.
 
     ``engine`` samples the episodes, ``weight_sync`` receives every published adapter (usually the
-    same SGLang client). Returns the number of learner steps completed (including those before a
-    resume).
+    same SGLang client). ``learner``: the one to train (the sharded learner of a ``torchrun`` job,
+    built before the engines opened); None builds the single-process one here. Returns the number
+    of learner steps completed (including those before a resume).
     """
-    from envtune.optim.learner import Learner
+    from envtune.runtime.recipe.learner_setup import build_learner
     from transformers import AutoTokenizer
 
     stop = stop or asyncio.Event()
@@ -74,9 +68,8 @@ async def train(
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_path)
     chat = ChatTokenizer(tokenizer)
     env = BfclEnvironment()
-    model = await asyncio.to_thread(load_policy_model, model_path)
-    # The learner divides logits by the rollout temperature to match the behaviour logprobs.
-    learner = Learner(model, config.learner, temperature=config.sampling.temperature)
+    if learner is None:
+        learner = await asyncio.to_thread(build_learner, config, model_path)
     start_step = 0
     if checkpoint is not None:
         await asyncio.to_thread(restore, learner, scheduler, checkpoint.path, checkpoint.state)
