@@ -645,6 +645,7 @@ class ShardedLearner:
         self._core = core
         self._lock = threading.Lock()
         self._closed = False
+        self._broken = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -671,7 +672,14 @@ class ShardedLearner:
         if self._closed:
             raise RuntimeError("the sharded learner is closed")
         own = self._core.receive(messages)
-        return self._core.execute(own)
+        try:
+            return self._core.execute(own)
+        except StepAborted:
+            raise  # every rank refused at the same point: still in step
+        except BaseException:
+            # The other ranks may be inside a collective this rank left: no more commands.
+            self._broken = True
+            raise
 
     def step(
         self, trajectories: Sequence[TrainingSequence], *, token_masks: TokenMaskSource | None = None
@@ -802,11 +810,15 @@ class ShardedLearner:
             self._broadcast(messages)
 
     def close(self) -> None:
-        """Release the workers (their ``serve_worker`` returns). Idempotent."""
+        """Release the workers (their ``serve_worker`` returns). Idempotent. After a command failed on
+        this rank the workers may be stuck in a collective: nothing is sent, and torchrun stops them
+        when this process exits."""
         with self._lock:
-            if not self._closed:
+            if self._broken and not self._closed:
+                log.warning("sharded_learner_not_released", reason="a command failed on rank 0")
+            elif not self._closed:
                 self._core.receive([_Message(Command.SHUTDOWN)] * self.world_size)
-                self._closed = True
+            self._closed = True
 
     def __enter__(self) -> ShardedLearner:
         return self

@@ -115,7 +115,8 @@ def test_router_command_uses_the_manual_policy(tmp_path: Path) -> None:
     cfg = RouterConfig(RouterSettings(port=30080), python="py", worker_urls=("http://a:1", "http://b:2"))
     assert router_command(cfg) == [
         "py", "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", "30080",
-        "--policy", "manual", "--assignment-mode", "min_load", "--worker-urls", "http://a:1", "http://b:2",
+        "--policy", "manual", "--assignment-mode", "min_load", "--prometheus-port", "29000",
+        "--worker-urls", "http://a:1", "http://b:2",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="worker URL"):
         RouterConfig(RouterSettings(), python="py", worker_urls=())

@@ -166,14 +166,17 @@ class RouterSettings:
     ``consistent_hashing`` needs a newer router than sglang-router 0.3.2."""
     assignment_mode: Literal["min_load", "min_group", "random"] = "min_load"
     """Where ``manual`` sends a key it has not seen yet."""
+    metrics_port: int = 29000
+    """The router's Prometheus port (``--prometheus-port``; sglang-router's default): it refuses to
+    start when the port is taken, so two routers on one host need two."""
     extra_args: tuple[str, ...] = ()
     """More ``sglang_router.launch_router`` flags."""
     health_timeout_s: float = 120.0
     """Longest wait for the router's ``/health``."""
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port {self.port} out of range")
+        if not (0 < self.port < 65536 and 0 < self.metrics_port < 65536):
+            raise ValueError(f"port {self.port} or metrics_port {self.metrics_port} out of range")
         if not self.health_timeout_s > 0:
             raise ValueError("health_timeout_s must be > 0")
 

@@ -345,6 +345,8 @@ def router_command(config: RouterConfig) -> list[str]:
         knobs.policy,
         "--assignment-mode",
         knobs.assignment_mode,
+        "--prometheus-port",
+        str(knobs.metrics_port),
         "--worker-urls",
         *config.worker_urls,
         *knobs.extra_args,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from envtune.optim.memory import GIB, MemoryEstimate, check_fits, estimate_for_config
-from envtune.runtime.recipe.config import Config
+from envtune.runtime.recipe.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from envtune.optim.distributed import DistributedContext, ShardedCore
@@ -81,6 +81,33 @@ def check_memory(
     if capacity is not None and memory.refuse:
         check_fits(estimate, capacity)
     return estimate
+
+
+def check_resume(checkpoint_path: Path, *, sharded: bool) -> None:
+    """ConfigError unless the checkpoint's learner state was written by the kind of learner this run
+    builds: a sharded state (``torchrun``, any number of ranks) or a single-process one. Read before
+    the engines start (the file is memory-mapped, not loaded)."""
+    import torch
+    from envtune.optim.distributed import SHARDED_STATE_FORMAT
+    from envtune.runtime.recipe.learner_actor import LEARNER_STATE_FILE
+
+    path = checkpoint_path / LEARNER_STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError) as exc:
+        raise ConfigError(f"--resume: cannot read {path}: {exc}") from exc
+    written_sharded = isinstance(state, dict) and state.get("format") == SHARDED_STATE_FORMAT
+    if written_sharded and not sharded:
+        raise ConfigError(
+            f"--resume: {checkpoint_path} was written by the sharded learner (torchrun); resume it "
+            "under torchrun, with any number of ranks: torchrun --standalone --nproc-per-node 1 "
+            "-m envtune.runtime.cli.run --resume ..."
+        )
+    if sharded and not written_sharded:
+        raise ConfigError(
+            f"--resume: {checkpoint_path} was written by the single-process learner; resume it "
+            "without torchrun"
+        )
 
 
 def load_policy_model(path: Path, *, gpu: bool | None = None, to_device: bool = True) -> Any:
