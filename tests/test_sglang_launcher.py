@@ -94,7 +94,12 @@ def test_worker_command_is_sglangs_launch_server_with_the_lora_flags(tmp_path: P
     ]  # fmt: skip
     assert cfg.gpu_groups() == [("0", "1"), ("2", "3")]
     assert cfg.urls() == ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
-    env = worker_environment(cfg, 1, {"PATH": "/bin", "VIRTUAL_ENV": "/work/.venv", "PYTHONPATH": "x"})
+    launcher_env = {
+        "PATH": "/bin", "VIRTUAL_ENV": "/work/.venv", "PYTHONPATH": "x", "CUDA_VISIBLE_DEVICES": "4,5,6,7",
+        "RANK": "0", "WORLD_SIZE": "4", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "r",
+        "OMP_NUM_THREADS": "1",
+    }  # fmt: skip  (rank 0 of a torchrun job, learner on GPUs 4-7)
+    env = worker_environment(cfg, 1, launcher_env)
     assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2,3"}
 
 

@@ -125,9 +125,25 @@ def worker_command(config: SGLangLaunchConfig, index: int, config_file: str) -> 
     return [*command, "--config", config_file, *knobs.extra_args]
 
 
+_NOT_INHERITED = frozenset(
+    {
+        # envtune's virtualenv must not leak into SGLang's.
+        "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME",
+        # torchrun's job (rank 0 of a sharded learner launches the workers): SGLang sets up its own
+        # torch.distributed for tensor parallelism, and torchrun's one-thread OpenMP default is not its.
+        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+        "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+    }
+)  # fmt: skip
+
+
+def _inherited(base: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in base.items() if k not in _NOT_INHERITED and not k.startswith("TORCHELASTIC_")}
+
+
 def worker_environment(config: SGLangLaunchConfig, index: int, base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` with this worker's GPUs and without envtune's virtualenv leaking into SGLang's."""
-    env = {k: v for k, v in base.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    """``base`` with this worker's GPUs, without envtune's virtualenv or torchrun's job variables."""
+    env = _inherited(base)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(config.gpu_groups()[index])
     return env
 
@@ -371,7 +387,7 @@ class SGLangRouter:
         if not _port_free(cfg.settings.host, cfg.settings.port):
             raise LaunchError(f"port {cfg.settings.port} already in use")
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+        env = _inherited(os.environ)
         self._process = _spawn(
             "sglang-router", self.url, router_command(cfg), env, Path(cfg.log_dir) / "sglang-router.log"
         )
