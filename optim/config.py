@@ -36,6 +36,15 @@ class WeightMode(enum.StrEnum):
     """Weights outside [floor, cap] zero the policy-gradient term of their tokens (or sequences)."""
 
 
+class Batching(enum.StrEnum):
+    """How a micro-batch of sequences becomes model input."""
+
+    PACKED = "packed"
+    """One row, position_ids restarting per sequence, no padding."""
+    PADDED = "padded"
+    """Right-padded rows with an attention mask (baseline)."""
+
+
 class KlReference(enum.StrEnum):
     """Which policy the KL term anchors to."""
 
@@ -44,15 +53,6 @@ class KlReference(enum.StrEnum):
     STAGE_START = "stage_start"
     """The adapter as it was at the last ``Learner.snapshot_reference()`` (taken at construction, and
     by the runtime at each stage promotion): each stage is anchored to the policy it started from."""
-
-
-class Batching(enum.StrEnum):
-    """How a micro-batch of sequences becomes model input."""
-
-    PACKED = "packed"
-    """One row, position_ids restarting per sequence, no padding."""
-    PADDED = "padded"
-    """Right-padded rows with an attention mask (baseline)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,16 +199,16 @@ class LearnerConfig:
     on 32k-token episodes (``optim/memory.py``); the CPU preset turns it off."""
     autocast_dtype: str | None = None
     """E.g. ``bfloat16`` to run forwards under autocast; ``none`` runs in the model's dtype."""
-    logits_chunk_elements: int = 1 << 26  # = packing.DEFAULT_LOGITS_CHUNK_ELEMENTS (stdlib-only config)
+    logits_chunk_elements: int = 1 << 26
     """Most fp32 logits held at once when computing logprobs and entropies (the LM head runs over
-    chunks of ``logits_chunk_elements // vocab`` tokens; default 64M = 256 MiB, 441 tokens at a 152k
+    chunks of ``logits_chunk_elements // vocab`` tokens; 64M = 256 MiB, 441 tokens at a 152k
     vocabulary, whole micro-batches at small vocabularies). 0 computes full-vocabulary logits for the
     whole micro-batch: about 20 GB per 8k tokens at 152k (``benchmarks/learner_memory.py``)."""
     kl_reference: KlReference = KlReference.STAGE_START
-    """The KL anchor. ``stage_start`` (default): the adapter at the last ``snapshot_reference()``, which
-    the runtime calls at each promotion, as the paper's per-stage runs restart from the previous
-    checkpoint with a KL to that run's initial policy. ``base``: the base model in every stage, which
-    pulls later stages back toward the untrained model. Same cost: one extra copy of the adapter."""
+    """The KL anchor. ``stage_start``: the adapter at the last snapshot, which the run takes at each
+    promotion, as the paper's per-stage runs restart from the previous checkpoint with a KL to that
+    run's initial policy. ``base``: the base model in every stage, which pulls later stages back toward
+    the untrained model. Cost: one extra copy of the adapter."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The loss."""
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)

@@ -58,7 +58,7 @@ class SkipReason(enum.StrEnum):
     """Why a learner step left the weights and the policy version unchanged."""
 
     NO_LOSS_TOKENS = "no_loss_tokens"
-    """Nothing to train on: every trajectory was dropped (zero-variance group) or sampled no token."""
+    """Nothing to train on: no trajectory sampled a token."""
     NON_FINITE_GRAD = "non_finite_grad"
     """The gradient norm was NaN or infinite; the update was skipped to keep the weights intact."""
 

@@ -210,7 +210,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                         g.add_(grad_logp[start:end, None])
                     g.mul_(p).neg_()
                 else:
-                    assert grad_logp is not None  # both None returned early
+                    assert grad_logp is not None  # autograd calls backward with at least one gradient
                     g = p.mul_(-grad_logp[start:end, None])
                 if grad_logp is not None:
                     rows = torch.arange(end - start, device=g.device)

@@ -272,14 +272,14 @@ def _full_logits(model: torch.nn.Module, batch: ModelBatch) -> torch.Tensor:
     return out.logits.reshape(-1, out.logits.shape[-1])[batch.predict_index]
 
 
-def _causal_lm(model: torch.nn.Module) -> Any:
-    get_base: Any = getattr(model, "get_base_model", None)
-    return get_base() if get_base is not None else model
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    base: torch.nn.Module = getattr(model, "get_base_model", lambda: model)()
+    return base
 
 
 def _plain_head(model: torch.nn.Module) -> torch.nn.Linear:
     """The LM head, when logits are exactly ``head(final hidden state)``; ValueError otherwise."""
-    base = _causal_lm(model)
+    base: Any = _causal_lm(model)
     head = base.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(
@@ -296,7 +296,7 @@ def _plain_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 def _predicted_hidden(model: torch.nn.Module, batch: ModelBatch) -> torch.Tensor:
     """[N, hidden] final hidden states at the predicted positions (the decoder only, no LM head)."""
-    decoder = _causal_lm(model).get_decoder()
+    decoder = getattr(_causal_lm(model), "get_decoder")()  # noqa: B009  (typed as a tensor by torch)
     if batch.position_ids is not None:
         out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     else:

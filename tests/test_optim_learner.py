@@ -10,7 +10,13 @@ import math
 import pytest
 import torch
 from envtune.agents.trajectory import Trajectory
-from envtune.optim.config import Batching, KlReference, LearnerConfig, LoraSettings, LossConfig
+from envtune.optim.config import (
+    Batching,
+    KlReference,
+    LearnerConfig,
+    LoraSettings,
+    LossConfig,
+)
 from envtune.optim.learner import Learner, SkipReason
 from envtune.optim.logprobs import unpack_bitmask
 from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -5,6 +5,10 @@ grammar of each turn's visible tools with a 16-character think block, augmented 
 turn); each reply's constraint is recorded by a thin wrapper around the engine (what the runtime must
 record in the trajectory). The learner (fresh LoRA adapter: the engine's policy) then computes the
 logprobs of every sampled token with the masks replayed by ``MaskReplayer``.
+
+Imports that change with the re-layout (issue 9): ``envtune.agents.engine`` ->
+``envtune.agents.engine`` (Constraint, ConstraintKind, GenerateRequest, SamplingParams);
+``envtune.runtime.engines.tiny_model`` -> ``envtune.runtime.engines.tiny_model``.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from envtune.agents import (
     ChatTokenizer,
     ConstraintCache,
     GrammarOptions,
+    SamplingConfig,
     Trajectory,
     run_episode,
 )
-from envtune.agents.config import SamplingConfig
 from envtune.agents.engine import Completion, Constraint, ConstraintKind, GenerateRequest
 from envtune.environments import BfclEnvironment, EpisodeConfig, load_tasks
 from envtune.optim.config import LearnerConfig, LoraSettings
@@ -35,7 +39,7 @@ from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_mo
 from envtune.runtime.recipe.mask_replay import MaskReplayer, ReplayError, loss_runs
 from transformers import AutoModelForCausalLM
 
-TASKS = ("multi_turn_base_0", "multi_turn_base_1", "multi_turn_base_2")
+TASKS = ("multi_turn_base_0", "multi_turn_base_1")
 TOLERANCE = 1e-4
 """What the issue asks: engine and learner logprobs agree to 1e-4 (measured: ~1e-6)."""
 
@@ -86,11 +90,10 @@ async def constrained_episodes(
                     chat,
                     AgentConfig(
                         sampling=SamplingConfig(
-                            temperature=temperature,
                             max_new_tokens=96,
+                            temperature=temperature,
                             max_episode_tokens=16384,
                             max_replies=6,
-                            max_think_chars=16,
                         ),
                         constrained=True,
                         seed=seed + k,
@@ -115,7 +118,7 @@ Episodes = tuple[float, list[Trajectory], list[list[Constraint | None]]]
 
 @pytest.fixture(scope="module", params=[1.0, 0.7], ids=["T1", "T0.7"])
 def episodes(request: pytest.FixtureRequest, engine: EmbeddedEngine) -> Episodes:
-    """Three constrained BFCL episodes at this temperature, and each reply's constraint."""
+    """Two constrained BFCL episodes at this temperature, and each reply's constraint."""
     temperature = request.param
     return (temperature, *asyncio.run(constrained_episodes(engine, temperature, seed=11)))
 
@@ -142,7 +145,7 @@ def test_masked_learner_logprobs_equal_the_engine_behaviour_logprobs(
     unmasked_diff = max(float((a - b).abs().max()) for a, b in zip(unmasked, behaviour, strict=True))
     tokens = sum(len(b) for b in behaviour)
     print(f"T={temperature} tokens={tokens} masked max diff={masked_diff:.3g} unmasked={unmasked_diff:.3g}")
-    assert tokens > 100, tokens
+    assert tokens > 400, tokens
     assert masked_diff < TOLERANCE, (masked_diff, unmasked_diff, tokens)
     assert unmasked_diff > 0.5  # what the learner computed before the replay (the grammar matters here)
 
