@@ -123,7 +123,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--sglang", help="comma-separated URLs of SGLang servers serving --model (LoRA enabled)"
     )
     parser.add_argument(
-        "--launch-sglang", action="store_true", help="start `python -m sglang.launch_server` here"
+        "--launch-sglang",
+        action="store_true",
+        help="start SGLang workers here, one per GPU group of engine.launch.gpus, from SGLang's own "
+        "environment (engine.launch.python, `make sglang-env`)",
     )
     parser.add_argument(
         "--resume",
