@@ -10,7 +10,7 @@ OOD_STAMP := $(OOD_VENV)/.envtune-installed
 
 TYPECHECK := .cache/typecheck/envtune
 
-.PHONY: setup setup-ood run test lint typecheck-tree clean-venv sglang-env
+.PHONY: setup setup-gpu setup-ood run test lint typecheck-tree clean-venv sglang-env
 
 setup: $(STAMP) $(SGLANG_CONTRACT) $(BFCL_V4_WHEEL)
 
@@ -65,6 +65,19 @@ lint: setup typecheck-tree
 
 clean-venv:
 	rm -rf $(VENV)
+
+# GPU machines: the learner (envtune's .venv) needs a CUDA build of the same torch==2.13.0. PyPI's
+# Linux x86_64 wheel is a CUDA build (a CPU-only mirror, like this project's CI machine, gives the
+# CPU one); this target checks which build is installed and, when it has no CUDA, reinstalls
+# torch==2.13.0 from PyTorch's index for one CUDA version. Pick the index matching your driver:
+#   make setup-gpu TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# It fails unless torch then sees a GPU. (Not run by the project: its machines have no GPU.)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cu130
+
+setup-gpu: setup
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" || \
+		$(PY) -m pip install -q --force-reinstall torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(PY) -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count()); sys.exit(0 if ok else 'torch sees no GPU: check the NVIDIA driver, or TORCH_INDEX for its CUDA version')"
 
 # SGLang in its own environment (GPU machines): sglang 0.5.23 pins torch==2.14.1 (PyPI's CUDA 13
 # build), transformers==5.19.0 and xgrammar==0.2.7, which conflict with envtune's pins, so it never

@@ -11,14 +11,14 @@ What it does, in order, each phase skipped (and said so) when the time budget ru
    replies of 120 sampled tokens and 3 tool results of 150 masked tokens, assumed); one 32k-token
    episode joins the long set. Three runs: checkpointing off and on over episodes <= 8k tokens
    (same batches), and on over the long set. Each: one warm-up step, then timed steps; reports
-   tokens/s, the CUDA peak and the per-GPU estimate (``optim/memory.py``) beside it. A run whose
-   estimate exceeds the GPU is skipped, not run into an out-of-memory error. Until log-probs are
-   chunked, every predicted position of a micro-batch has its logits at once (16k positions of the
-   32k episode: tens of GB at Qwen's 152k vocabulary), and the estimate counts them so.
+   tokens/s, the CUDA peak and the per-GPU estimate (``optim/memory.py``, what ``envtune-run``
+   prints and checks at start) beside it. A run whose estimate exceeds the GPU is skipped, not run
+   into an out-of-memory error. Log-probabilities are chunked as the learner computes them
+   (``learner.logits_chunk_elements``, the default).
 3. Log-probability memory: the CUDA peak of LM head + log-softmax + entropy + backward over 16k
-   predicted positions at the real vocabulary, all at once vs in 1k-position chunks (each chunk
-   recomputed in backward). The chunked variant here is this script's own; swap in the project's
-   once ``optim/packing.py`` has one.
+   predicted positions at the real vocabulary, all at once (``optim.logprobs.token_logprobs_reference``
+   on full logits) vs the learner's chunked computation (``optim.logprobs.chunked_token_logprobs``,
+   1k positions per chunk).
 4. The embedded engine (``runtime/engines/embedded.py``) on the same weights saved to local disk
    (bf16 safetensors; the engine loads them as it does, in fp32): generated tokens/s with 1, 16
    and 64 concurrent requests (1024-token prompts, 64 new tokens, temperature 1).
@@ -149,34 +149,32 @@ def learner_run(
 ) -> dict[str, Any]:  # fmt: skip
     import torch
     from envtune.optim.config import LearnerConfig, LoraSettings
-    from envtune.optim.distributed import ShardedCore, ShardedLearner, ShardingSettings
-    from envtune.optim.memory import GIB, MemoryBudgetError
+    from envtune.optim.distributed import ShardedCore, ShardedLearner
+    from envtune.optim.memory import GIB, MemoryBudgetError, check_fits, estimate_for_config
 
     on_gpu = device == "cuda"
-    # No chunked log-probabilities yet: the logits of every predicted position of a micro-batch
-    # exist at once. Bound them by the longest episode's loss tokens or a full micro-batch's share.
-    loss = [sum(t.loss_mask) for t in trajectories]
-    share = sum(loss) / sum(len(t.token_ids) for t in trajectories)
-    predicted = max(max(loss), int(micro * share))
-    settings = ShardingSettings(
-        gradient_checkpointing=checkpointing, max_sequence_tokens=cap, logits_chunk_tokens=predicted
+    config = LearnerConfig(
+        lr=1e-6,
+        micro_batch_tokens=micro,
+        gradient_checkpointing=checkpointing,
+        lora=LoraSettings(rank=16, alpha=32.0),
     )
-    config = LearnerConfig(lr=1e-6, micro_batch_tokens=micro, lora=LoraSettings(rank=16, alpha=32.0))
     result: dict[str, Any] = {
         "name": name,
         "gradient_checkpointing": checkpointing,
         "micro_batch_tokens": micro,
     }
-    model = build_model(shape, device, torch.bfloat16 if on_gpu else torch.float32)
-    try:
-        learner = ShardedLearner(ShardedCore(model, config, settings, context=ctx))
-    except MemoryBudgetError as exc:
-        del model
-        if on_gpu:
-            torch.cuda.empty_cache()
-        return {**result, "skipped": str(exc)}
-    est = learner.memory_estimate
+    est = estimate_for_config(
+        shape, config, world_size=ctx.world_size, sharded=True, on_gpu=on_gpu, max_sequence_tokens=cap
+    )
     result["estimate_gib"] = round(est.total / GIB, 2) if est is not None else None
+    if on_gpu and est is not None:
+        try:
+            check_fits(est, torch.cuda.get_device_properties(0).total_memory)
+        except MemoryBudgetError as exc:
+            return {**result, "skipped": str(exc)}
+    model = build_model(shape, device, torch.bfloat16 if on_gpu else torch.float32)
+    learner = ShardedLearner(ShardedCore(model, config, context=ctx))
     tokens = sum(len(t.token_ids) for t in trajectories)
     result["batch_tokens"] = tokens
     result["longest"] = max(len(t.token_ids) for t in trajectories)
@@ -216,19 +214,16 @@ def learner_run(
 def logprob_memory(shape: dict[str, Any], positions: int, chunk: int, device: str) -> dict[str, Any]:
     """CUDA peak of logprobs + entropy + backward over ``positions`` rows: all at once vs chunked."""
     import torch
-    from torch.utils.checkpoint import checkpoint
+    from envtune.optim.logprobs import chunked_token_logprobs, token_logprobs_reference
 
     on_gpu = device == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
-    head = (
-        torch.randn(shape["vocab_size"], shape["hidden_size"], device=device, dtype=dtype, generator=g) * 0.02
-    )
+    head = torch.nn.Linear(shape["hidden_size"], shape["vocab_size"], bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.02, generator=g)
+    head.weight.requires_grad_(False)  # frozen, as the base model's LM head
     targets = torch.randint(0, shape["vocab_size"], (positions,), device=device, generator=g)
-
-    def part(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = torch.log_softmax((h @ head.T).float(), dim=-1)
-        return logp.gather(-1, t[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
     out: dict[str, Any] = {"positions": positions, "chunk": chunk, "vocab": shape["vocab_size"]}
     for name in ("full", "chunked"):
@@ -238,13 +233,10 @@ def logprob_memory(shape: dict[str, Any], positions: int, chunk: int, device: st
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         if name == "full":
-            lp, ent = part(hidden, targets)
+            lp, ent = token_logprobs_reference(head(hidden), targets, with_entropy=True)
         else:
-            pieces = [
-                checkpoint(part, hidden[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
-                for s in range(0, positions, chunk)
-            ]
-            lp, ent = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+            lp, ent = chunked_token_logprobs(hidden, head, targets, with_entropy=True, chunk_tokens=chunk)
+        assert ent is not None
         (lp.sum() + 0.001 * ent.sum()).backward()
         if on_gpu:
             torch.cuda.synchronize()

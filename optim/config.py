@@ -134,6 +134,44 @@ class LoraSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DistributedConfig:
+    """The learner sharded over ``torchrun`` ranks with FSDP2 (used when ``envtune-run`` runs under
+    ``torchrun``; ``optim/distributed.py``)."""
+
+    mixed_precision: bool = True
+    """On GPU: compute in bf16 (FSDP2 ``param_dtype``) and reduce gradients in fp32. CPU runs are
+    always fp32 (gloo, and exact comparison with the single-process learner)."""
+    reshard_after_forward: bool = True
+    """Free each layer's gathered weights after its forward (re-gathered in backward): ZeRO-3
+    memory. False keeps them (ZeRO-2: less communication, more memory)."""
+    control_timeout_s: float = 7 * 24 * 3600.0
+    """How long ranks >= 1 wait for rank 0's next command (rollouts between steps can take long)."""
+
+    def __post_init__(self) -> None:
+        if not self.control_timeout_s > 0:
+            raise ValueError(f"control_timeout_s must be > 0, got {self.control_timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryCheckConfig:
+    """The per-GPU memory estimate printed at start (``optim/memory.py``), and the refusal."""
+
+    capacity_gib: float | None = None
+    """Per-device memory the estimate is compared with; ``none`` = the CUDA device's total (no
+    comparison on CPU unless set)."""
+    refuse: bool = True
+    """Refuse to start, with what to change, when the estimate exceeds the capacity."""
+    workspace_gib: float = 2.0
+    """Fixed allowance on a GPU for the CUDA context, communication buffers and allocator slack."""
+
+    def __post_init__(self) -> None:
+        if self.capacity_gib is not None and not self.capacity_gib > 0:
+            raise ValueError(f"capacity_gib must be > 0, got {self.capacity_gib}")
+        if not self.workspace_gib >= 0:
+            raise ValueError(f"workspace_gib must be >= 0, got {self.workspace_gib}")
+
+
+@dataclass(frozen=True, slots=True)
 class LearnerConfig:
     """The policy-gradient learner (docs/method.md §7; the release's values, §7.8)."""
 
@@ -155,6 +193,10 @@ class LearnerConfig:
     inert against the proximal policy, but the behaviour weight still corrects staleness)."""
     batching: Batching = Batching.PACKED
     """Packed (padding-free) or padded micro-batches."""
+    gradient_checkpointing: bool = True
+    """Recompute each decoder layer in backward (non-reentrant): activations drop from every layer's
+    saved tensors to the layer inputs plus one layer, for one extra forward. Needed for 7B models
+    on 32k-token episodes (``optim/memory.py``); the CPU preset turns it off."""
     autocast_dtype: str | None = None
     """E.g. ``bfloat16`` to run forwards under autocast; ``none`` runs in the model's dtype."""
     logits_chunk_elements: int = 1 << 26
@@ -173,6 +215,10 @@ class LearnerConfig:
     """Advantage normalisation."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """The adapter (used only when the model is not already a peft model)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Sharding over ``torchrun`` ranks (ignored by a single-process run)."""
+    memory: MemoryCheckConfig = field(default_factory=MemoryCheckConfig)
+    """The memory estimate and check at start."""
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -1,18 +1,19 @@
 """The LoRA learner sharded over torch.distributed ranks with FSDP2 (``fully_shard``).
 
-Process layout under ``torchrun``: rank 0 runs the asyncio runtime and holds a ``ShardedLearner``,
-which has the single-process ``Learner``'s surface (``step``, ``save_adapter``, ``state_dict``,
-``load_state_dict``, ``policy_version``). Every other rank builds the same ``ShardedCore`` and calls
-``serve_worker``: it waits for rank 0's commands on a gloo control group and runs its part of each
-collective. Rank 0 scatters one message per rank; a step's message holds that rank's share of each
-mini-batch, so ranks train on different (uneven) token counts.
+Process layout under ``torchrun`` (``envtune-run`` does this when it finds itself launched so):
+rank 0 runs the asyncio runtime and holds a ``ShardedLearner``, which has the single-process
+``Learner``'s surface (``step`` with grammar masks, ``snapshot_reference``, ``save_adapter``,
+``state_dict``, ``load_state_dict``, ``policy_version``). Every other rank builds the same
+``ShardedCore`` and calls ``serve_worker``: it waits for rank 0's commands on a gloo control group
+and runs its part of each collective. Rank 0 scatters one message per rank; a step's message holds
+that rank's share of each mini-batch, so ranks train on different (uneven) token counts.
 
 Building a core (every rank, same order): LoRA is attached first (seeded, then rank 0's initial
 adapter is broadcast so every rank starts identical), gradient checkpointing and packed attention
-are switched on, ``fully_shard`` wraps each decoder layer and then the root, with bf16 parameters and
-fp32 gradient reduction on GPU (fp32 throughout on CPU), and the optimizer is built last, on the
-sharded parameters (an optimizer built before sharding holds stale tensors and silently never
-updates).
+are switched on (``objective.prepare_model``, as the single-process learner does), ``fully_shard``
+wraps each decoder layer and then the root, with bf16 parameters and fp32 gradient reduction on GPU
+(fp32 throughout on CPU), and the optimizer is built last, on the sharded parameters (an optimizer
+built before sharding holds stale tensors and silently never updates).
 
 A step (``ShardedCore.run_step``), identical in arithmetic to ``Learner.step`` on the whole batch:
 rank 0 computes the group advantages over the full batch and splits each mini-batch across ranks
@@ -21,7 +22,19 @@ micro-batch count; the loss is normalised by the *global* loss-token count and m
 world size, because FSDP2 averages gradients over ranks (per-rank means would weight a rank's
 tokens by how few it holds). Ranks with fewer micro-batches run zero-weight dummy ones: FSDP's
 all-gathers and reduce-scatters must happen the same number of times on every rank. Clipping uses
-the global norm, so every rank takes (or skips) the same update.
+the global norm, so every rank takes (or skips) the same update. Each micro-batch's loss is
+``objective.PolicyObjective.loss``, the code the single-process learner runs: chunked
+log-probabilities, grammar masks and the KL reference are the same on both paths.
+
+Grammar masks: the caller's mask source lives on rank 0 only. Just before each micro-batch pass
+(the proximal pass and the update pass alike) rank 0 reads the masks of every rank's micro-batch at
+that position, checks them against the sampled tokens, and scatters them: each rank holds one
+micro-batch's masks at a time, rank 0 briefly one per rank. A mask that does not fit is refused on
+every rank at the same point (``StepAborted``: the workers keep serving, rank 0 raises ValueError),
+before the optimizer steps when it is read by the first pass.
+
+KL reference (``kl_reference = stage_start``): each rank snapshots its own shards of the adapter;
+checkpoints gather the snapshot like the adapter.
 
 Publishing (``save_adapter``) gathers only the LoRA tensors (``full_tensor()``), on every rank in
 the same order; rank 0 writes ``adapter_model.safetensors`` + ``adapter_config.json`` to a temporary
@@ -33,9 +46,8 @@ Failure model: a command that raises on one rank leaves the others in a collecti
 tears the job down (its agent stops all ranks when one exits). Rank 0 validates every batch before
 sending it, so malformed input raises there and never reaches the workers.
 
-Deliberately left out: HSDP (2-D meshes), CPU offload, sharding across the inference GPUs. The
-loss arithmetic mirrors ``learner.py``; ``benchmarks/fsdp_equivalence.py`` (run by the tests)
-fails when the two drift apart.
+Deliberately left out: HSDP (2-D meshes), CPU offload, sharding across the inference GPUs.
+``benchmarks/fsdp_equivalence.py`` (run by the tests) fails when the two learners drift apart.
 """
 
 from __future__ import annotations
@@ -54,26 +66,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import torch
 import torch.distributed as dist
 
 from .advantages import group_advantages
-from .config import Batching, LearnerConfig
-from .learner import StepMetrics, _split
-from .lora import attach_lora, reference_mode
+from .config import KlReference, LearnerConfig
+from .learner import SkipReason, StepMetrics, TokenMaskSource, TrainingSequence, _split
+from .logprobs import check_masks
 from .lora import trainable_parameters as lora_parameters
-from .losses import LossStats, policy_loss
-from .memory import MemoryEstimate, ModelShape, check_fits, estimate_learner_memory
-from .packing import (
-    ModelBatch,
-    build_batch,
-    enable_packed_attention,
-    plan_microbatches,
-    token_logprobs,
-)
+from .losses import LossStats
+from .objective import PolicyObjective, ReferencePolicy, TokenLogprobModel, per_token, prepare_model
+from .packing import ModelBatch, build_batch, plan_microbatches, with_masks
 
 log = structlog.get_logger(__name__)
 
@@ -81,55 +87,8 @@ SHARDED_STATE_FORMAT = "envtune-sharded-learner-v1"
 """Marks a ``ShardedLearner.state_dict``; the single-process learner's state has no such key."""
 
 
-class TrajectoryLike(Protocol):
-    """What a step reads from a trajectory (``agents.trajectory.Trajectory`` satisfies it)."""
-
-    task_id: str
-    group_id: str
-    token_ids: Sequence[int]
-    loss_mask: Sequence[bool]
-    behavior_logprobs: Sequence[float]
-    policy_versions: Sequence[int]
-    reward: float
-    progress: float
-
-    @property
-    def num_model_tokens(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ShardingSettings:
-    """How the learner is sharded (the run config's ``learner.distributed`` section)."""
-
-    mixed_precision: bool = True
-    """On GPU: compute in bf16 (FSDP2 ``param_dtype``) and reduce gradients in fp32. CPU runs are
-    always fp32 (gloo, and exact comparison with the single-process learner)."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer in backward (non-reentrant): activations drop from all layers'
-    saved tensors to their inputs plus one layer; costs one extra forward."""
-    reshard_after_forward: bool = True
-    """Free each layer's gathered weights after its forward (re-gathered in backward): ZeRO-3
-    memory. False keeps them (ZeRO-2: less communication, more memory)."""
-    max_sequence_tokens: int = 0
-    """Longest sequence the run can produce (the rollout context limit), for the memory check;
-    0 = only the micro-batch budget."""
-    logits_chunk_tokens: int | None = None
-    """Positions whose logits exist at once, for the memory check (None: all of a micro-batch)."""
-    memory_capacity_gib: float | None = None
-    """Per-device memory the check compares against; None = the CUDA device's total (no check on
-    CPU)."""
-    check_memory: bool = True
-    """Refuse to start when the per-GPU estimate exceeds the capacity."""
-    control_timeout_s: float = 7 * 24 * 3600.0
-    """How long workers wait for rank 0's next command (rollouts between steps can take long)."""
-
-    def __post_init__(self) -> None:
-        if self.max_sequence_tokens < 0:
-            raise ValueError(f"max_sequence_tokens must be >= 0, got {self.max_sequence_tokens}")
-        if self.logits_chunk_tokens is not None and self.logits_chunk_tokens < 1:
-            raise ValueError(f"logits_chunk_tokens must be >= 1, got {self.logits_chunk_tokens}")
-        if self.control_timeout_s <= 0:
-            raise ValueError("control_timeout_s must be > 0")
+class StepAborted(ValueError):
+    """A step refused on every rank at the same point (a grammar mask that does not fit its tokens)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +120,12 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 1800.0) -
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def control_group(config: LearnerConfig) -> Any:
+    """A gloo group for rank 0's commands (small objects on CPU, whatever the training backend);
+    its timeout is how long the workers wait for the next command. Collective: every rank calls it."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=config.distributed.control_timeout_s))
+
+
 # --- messages ---------------------------------------------------------------------------------------
 
 
@@ -169,6 +134,7 @@ class Command(enum.StrEnum):
 
     STEP = "step"
     SAVE_ADAPTER = "save_adapter"
+    SNAPSHOT_REFERENCE = "snapshot_reference"
     STATE_DICT = "state_dict"
     LOAD_STATE_DICT = "load_state_dict"
     SHUTDOWN = "shutdown"
@@ -183,13 +149,23 @@ class _Item:
     behavior: tuple[float, ...]
     """Behaviour logprobs of the predicted positions only."""
     advantage: float
+    source: int
+    """Index of the trajectory in the batch given to ``ShardedLearner.step`` (for the mask source)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _StepPlan:
+    """A STEP command: this rank's items per mini-batch, and whether grammar masks will follow."""
+
+    updates: tuple[tuple[_Item, ...], ...]
+    masked: bool
 
 
 @dataclass(frozen=True, slots=True)
 class _Message:
     command: Command
     payload: Any = None
-    """STEP: this rank's items per mini-batch; LOAD_STATE_DICT: the counters."""
+    """STEP: a ``_StepPlan``; LOAD_STATE_DICT: the state (rank 0) and the counters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +177,53 @@ class _StepOutcome:
     grad_norm: float
     num_microbatches: int
     applied: int
+    constrained: tuple[int, int]
+    """(loss tokens under a grammar mask, loss tokens) over all passes."""
+
+
+class _MaskFeed:
+    """Rank 0's view of a masked step: every rank's micro-batches and the caller's mask source."""
+
+    def __init__(
+        self,
+        source: TokenMaskSource,
+        plans: Sequence[Sequence[tuple[_Item, ...]]],
+        groups: Sequence[Sequence[Sequence[list[int]]]],
+        vocab_size: int,
+    ) -> None:
+        self.source = source
+        self.plans = plans
+        """[rank][update] -> that rank's items."""
+        self.groups = groups
+        """[rank][update][micro-batch] -> indices into those items."""
+        self.vocab_size = vocab_size
+
+    def masks_for(self, rank: int, update: int, micro: int) -> list[torch.Tensor | None] | str | None:
+        """Rank ``rank``'s masks for its micro-batch ``micro`` of ``update`` (None: a padding pass),
+        or the error that aborts the step."""
+        groups = self.groups[rank][update]
+        if micro >= len(groups):
+            return None
+        items = self.plans[rank][update]
+        out: list[torch.Tensor | None] = []
+        for j in groups[micro]:
+            item = items[j]
+            mask = self.source(item.source)
+            if mask is not None:
+                targets = torch.tensor(
+                    [x for x, m in zip(item.token_ids[1:], item.loss_mask[1:], strict=True) if m],
+                    dtype=torch.int64,
+                )
+                try:
+                    if mask.dtype != torch.int32 or mask.dim() != 2 or mask.shape[0] != targets.numel():
+                        shape = f"{tuple(mask.shape)} {mask.dtype}"
+                        raise ValueError(f"{shape} mask rows for {targets.numel()} predicted tokens")
+                    check_masks(mask.cpu(), targets, self.vocab_size)
+                except ValueError as exc:
+                    return f"trajectory {item.source}: {exc}"
+                mask = mask.cpu()
+            out.append(mask)
+        return out
 
 
 # --- the per-rank learner ----------------------------------------------------------------------------
@@ -213,11 +236,13 @@ class ShardedCore:
         self,
         model: torch.nn.Module,
         config: LearnerConfig,
-        settings: ShardingSettings = ShardingSettings(),
         *,
         context: DistributedContext,
         temperature: float = 1.0,
+        control: Any = None,
     ) -> None:
+        """``control``: the gloo group of ``control_group`` when the caller made one already (every
+        rank must create groups in the same order), else a new one."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -225,33 +250,31 @@ class ShardedCore:
             raise ValueError(f"temperature must be > 0 (greedy samples cannot be trained), got {temperature}")
         self.config = config
         self.temperature = temperature
-        """The rollouts' sampling temperature: logits are divided by it (as ``Learner`` does)."""
-        self.settings = settings
         self.context = context
         self.device = context.device
-        # Small objects and counts travel on CPU tensors over gloo, whatever the training backend.
-        self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=settings.control_timeout_s))
+        self.control = control if control is not None else control_group(config)
         on_gpu = self.device.type == "cuda"
-        base_config = model.config
-        self.memory = self._check_memory(base_config, on_gpu)
-        self.model = attach_lora(model, config.lora)
+        self.model = prepare_model(model, config)
+        base: Any = self.model.get_base_model()
+        self.vocab_size = int(base.get_output_embeddings().out_features)
         self._broadcast_lora()
-        if settings.gradient_checkpointing:
-            _enable_checkpointing(self.model.get_base_model())
-        if config.batching is Batching.PACKED:
-            enable_packed_attention(self.model)
+        self.policy = TokenLogprobModel(
+            self.model, temperature=temperature, logits_chunk_elements=config.logits_chunk_elements
+        )
+        """The FSDP root (see ``TokenLogprobModel``); ``model`` is the peft model inside it."""
         mesh = init_device_mesh(self.device.type, (context.world_size,))
         mp = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if on_gpu and settings.mixed_precision
+            if on_gpu and config.distributed.mixed_precision
             else MixedPrecisionPolicy()
         )
         layers = _decoder_layers(self.model)
         if not layers:
             raise ValueError("found no decoder layers (_no_split_modules) to shard")
+        reshard = config.distributed.reshard_after_forward
         for layer in layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=settings.reshard_after_forward)
-        fully_shard(self.model, mesh=mesh, mp_policy=mp, reshard_after_forward=settings.reshard_after_forward)
+            fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(self.policy, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
         self.params = lora_parameters(self.model)
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -262,39 +285,15 @@ class ShardedCore:
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
         )
+        self.reference = ReferencePolicy(self.model, self.params, config.kl_reference, reshard=self._reshard)
+        self.objective = PolicyObjective(self.policy, config, device=self.device, reference=self.reference)
         self.policy_version = 0
         self.num_steps = 0
         self._dummy: ModelBatch | None = None
+        self.mask_feed: _MaskFeed | None = None
+        """Rank 0, during a masked step: where the masks come from."""
 
     # --- set-up -------------------------------------------------------------------------------------
-
-    def _check_memory(self, base_config: Any, on_gpu: bool) -> MemoryEstimate | None:
-        try:
-            shape = ModelShape.from_hf_config(base_config)
-        except (TypeError, ValueError, AttributeError):
-            return None  # not a Qwen2/Llama-shaped config: no estimate
-        estimate = estimate_learner_memory(
-            shape,
-            world_size=self.context.world_size,
-            lora_rank=self.config.lora.rank,
-            lora_targets=self.config.lora.target_modules,
-            micro_batch_tokens=self.config.micro_batch_tokens,
-            max_sequence_tokens=self.settings.max_sequence_tokens,
-            gradient_checkpointing=self.settings.gradient_checkpointing,
-            param_dtype="bfloat16" if on_gpu and self.settings.mixed_precision else "float32",
-            logits_chunk_tokens=self.settings.logits_chunk_tokens,
-            workspace_gib=2.0 if on_gpu else 0.0,
-        )
-        capacity = None
-        if self.settings.memory_capacity_gib is not None:
-            capacity = int(self.settings.memory_capacity_gib * 1024**3)
-        elif on_gpu:
-            capacity = torch.cuda.get_device_properties(self.device).total_memory
-        if self.context.rank == 0:
-            log.info("learner_memory_estimate", estimate=estimate.describe(), capacity_bytes=capacity)
-        if capacity is not None and self.settings.check_memory:
-            check_fits(estimate, capacity)
-        return estimate
 
     def _broadcast_lora(self) -> None:
         """Every rank starts from rank 0's adapter (peft draws LoRA A from each rank's own RNG)."""
@@ -303,6 +302,15 @@ class ShardedCore:
             dist.broadcast(buffer, src=0, group=self.control)
             with torch.no_grad():
                 p.copy_(buffer.to(p.device))
+
+    def _reshard(self) -> None:
+        """Release every gathered FSDP unit (the weights in the shards are then what the next forward
+        gathers)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.policy.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[None]:
@@ -330,6 +338,8 @@ class ShardedCore:
                     return self.run_step(message.payload)
                 case Command.SAVE_ADAPTER:
                     return self.gather_adapter()
+                case Command.SNAPSHOT_REFERENCE:
+                    return self.reference.snapshot()
                 case Command.STATE_DICT:
                     return self.gather_state()
                 case Command.LOAD_STATE_DICT:
@@ -339,14 +349,20 @@ class ShardedCore:
 
     # --- a step ---------------------------------------------------------------------------------------
 
-    def run_step(self, updates: Sequence[Sequence[_Item]]) -> _StepOutcome:
+    def microbatch_groups(self, items: Sequence[_Item]) -> list[list[int]]:
+        """How a rank splits its items into micro-batches (rank 0 computes every rank's plan too)."""
+        cfg = self.config
+        return plan_microbatches([len(it.token_ids) for it in items], cfg.micro_batch_tokens, cfg.batching)
+
+    def run_step(self, plan: _StepPlan) -> _StepOutcome:
         """Train this rank's share of each mini-batch; collective (see the module docstring)."""
         world = self.context.world_size
+        updates = plan.updates
         plans = [self._microbatches(items) for items in updates]
         local = torch.tensor(
             [
-                [sum(len(it.behavior) for it in items), len(plan)]
-                for items, plan in zip(updates, plans, strict=True)
+                [sum(len(it.behavior) for it in items), len(p)]
+                for items, p in zip(updates, plans, strict=True)
             ],
             dtype=torch.int64,
         ).reshape(len(updates), 2)
@@ -356,21 +372,27 @@ class ShardedCore:
         n_global = self._loss_normalizer(table)
         n_micro = table[:, :, 1].max(0).values.tolist()
         padded = [
-            plan + [(self._dummy_batch(), ())] * (n - len(plan))
-            for plan, n in zip(plans, n_micro, strict=True)
+            p + [(self._dummy_batch(), ())] * (n - len(p)) for p, n in zip(plans, n_micro, strict=True)
         ]
+        constrained = [0, 0]
         proximal = None
         if len(padded) > 1:
-            proximal = [[self._logprobs_no_grad(batch) for batch, _ in plan] for plan in padded]
+            proximal = [
+                [
+                    self.objective.logprobs(self._masked(batch, items, u, k, plan.masked, constrained))
+                    for k, (batch, items) in enumerate(p)
+                ]
+                for u, p in enumerate(padded)
+            ]
         stats = LossStats.empty()
         total = 0.0
         grad_norm = 0.0
         applied = 0
-        for u, plan in enumerate(padded):
+        for u, p in enumerate(padded):
             if n_global[u] == 0:
                 raise ValueError(f"mini-batch {u} has no loss tokens on any rank")
             loss, mb_stats, grad_norm = self._update(
-                plan, n_global[u], proximal[u] if proximal else None, world
+                u, p, n_global[u], proximal[u] if proximal else None, world, plan.masked, constrained
             )
             total += loss
             stats = stats.merge(mb_stats)
@@ -381,19 +403,20 @@ class ShardedCore:
         # Loss sums and stats are per rank; the step's are their sum (min/max for the extremes).
         parts: list[Any] = [None] * world
         real = sum(len(p) for p in plans)
-        dist.all_gather_object(parts, (total, stats, real), group=self.control)
+        dist.all_gather_object(parts, (total, stats, real, tuple(constrained)), group=self.control)
         merged = LossStats.empty()
-        for _, s, _ in parts:
-            merged = merged.merge(s)
+        for part in parts:
+            merged = merged.merge(part[1])
         if applied:
             self.policy_version += 1
         self.num_steps += 1
         return _StepOutcome(
-            loss=sum(p[0] for p in parts),
+            loss=sum(part[0] for part in parts),
             stats=merged,
             grad_norm=grad_norm,
-            num_microbatches=sum(p[2] for p in parts),
+            num_microbatches=sum(part[2] for part in parts),
             applied=applied,
+            constrained=(sum(part[3][0] for part in parts), sum(part[3][1] for part in parts)),
         )
 
     def _loss_normalizer(self, table: torch.Tensor) -> list[int]:
@@ -408,11 +431,43 @@ class ShardedCore:
         cfg = self.config
         sequences = [it.token_ids for it in items]
         masks = [it.loss_mask for it in items]
-        groups = plan_microbatches([len(s) for s in sequences], cfg.micro_batch_tokens, cfg.batching)
         return [
             (build_batch(sequences, masks, group, cfg.batching, self.device), tuple(items[k] for k in group))
-            for group in groups
+            for group in self.microbatch_groups(items)
         ]
+
+    def _masked(
+        self,
+        batch: ModelBatch,
+        items: tuple[_Item, ...],
+        update: int,
+        micro: int,
+        masked: bool,
+        counter: list[int],
+    ) -> ModelBatch:
+        """``batch`` with its grammar masks, scattered by rank 0 (a collective when ``masked``)."""
+        counter[1] += sum(len(it.behavior) for it in items)
+        if not masked:
+            return batch
+        feed = self.mask_feed
+        out: list[Any] = [None]
+        outgoing = None
+        if self.context.rank == 0:
+            assert feed is not None, "a masked step on rank 0 needs its mask feed"
+            outgoing = [feed.masks_for(r, update, micro) for r in range(self.context.world_size)]
+            errors = [m for m in outgoing if isinstance(m, str)]
+            if errors:
+                outgoing = [errors[0]] * self.context.world_size
+        dist.scatter_object_list(out, outgoing, src=0, group=self.control)
+        masks = out[0]
+        if isinstance(masks, str):
+            raise StepAborted(masks)
+        if masks is None or not items:
+            return batch
+        batch = with_masks(batch, masks, [len(it.behavior) for it in items])
+        if batch.token_masks is not None:
+            counter[0] += int((batch.token_masks != -1).any(-1).sum())
+        return batch
 
     def _dummy_batch(self) -> ModelBatch:
         """Two tokens, one predicted: the smallest pass that runs every FSDP collective."""
@@ -420,27 +475,15 @@ class ShardedCore:
             self._dummy = build_batch([[0, 0]], [[False, True]], [0], self.config.batching, self.device)
         return self._dummy
 
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
-        if self.config.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.autocast_dtype))
-
-    def _logprobs_no_grad(self, batch: ModelBatch, *, reference: bool = False) -> torch.Tensor:
-        self.model.eval()
-        ref = reference_mode(self.model) if reference else contextlib.nullcontext()
-        with torch.no_grad(), ref, self._autocast():
-            # Full logits: the chunked path calls the decoder under the FSDP root, which mixes DTensors.
-            logp, _ = token_logprobs(
-                self.model, batch, temperature=self.temperature, logits_chunk_elements=0
-            )
-        return logp
-
     def _update(
         self,
+        update: int,
         plan: Sequence[tuple[ModelBatch, tuple[_Item, ...]]],
         n_global: int,
         proximal: Sequence[torch.Tensor] | None,
         world: int,
+        masked: bool,
+        constrained: list[int],
     ) -> tuple[float, LossStats, float]:
         """One optimizer update over this rank's micro-batches of a mini-batch (as ``Learner._update``)."""
         from torch.distributed.tensor import DTensor
@@ -449,44 +492,22 @@ class ShardedCore:
         stats = LossStats.empty()
         total = 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        for k, (batch, items) in enumerate(plan):
+        for k, (raw, items) in enumerate(plan):
+            batch = self._masked(raw, items, update, k, masked, constrained)
             dummy = not items
             if dummy:
                 behavior = torch.zeros(1, dtype=torch.float32, device=self.device)
                 advantages = torch.zeros(1, dtype=torch.float32, device=self.device)
             else:
-                behavior = torch.tensor(
-                    [x for it in items for x in it.behavior], dtype=torch.float32, device=self.device
+                behavior, advantages = per_token(
+                    [it.behavior for it in items], [it.advantage for it in items], self.device
                 )
-                advantages = torch.tensor(
-                    [it.advantage for it in items for _ in it.behavior],
-                    dtype=torch.float32,
-                    device=self.device,
-                )
-            ref = self._logprobs_no_grad(batch, reference=True) if cfg.loss.kl_coef > 0 else None
-            self.model.train()
-            with self._autocast():
-                logp, entropy = token_logprobs(
-                    self.model,
-                    batch,
-                    temperature=self.temperature,
-                    with_entropy=True,
-                    logits_chunk_elements=0,
-                )
-            if entropy is not None and cfg.loss.entropy_coef == 0:
-                entropy = entropy.detach()
-            prox = proximal[k] if proximal is not None else logp.detach()
-            loss, mb_stats = policy_loss(
-                logp,
-                prox,
+            loss, mb_stats = self.objective.loss(
+                batch,
                 behavior,
                 advantages,
-                torch.ones_like(behavior, dtype=torch.bool),
                 num_tokens=n_global,
-                config=cfg.loss,
-                sequence_index=batch.sequence_index,
-                entropy=entropy,
-                ref_logprobs=ref,
+                proximal=proximal[k] if proximal is not None else None,
             )
             # FSDP2 averages gradients over ranks; x world turns that average into the global sum
             # of (token loss / global loss tokens). A dummy pass contributes exactly zero.
@@ -519,7 +540,7 @@ class ShardedCore:
         return full if self.context.rank == 0 else None
 
     def gather_state(self) -> dict[str, Any] | None:
-        """Adapter and optimizer state, gathered to rank 0 on CPU (None elsewhere)."""
+        """Adapter, optimizer and KL reference state, gathered to rank 0 on CPU (None elsewhere)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -529,9 +550,14 @@ class ShardedCore:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         model_state = get_model_state_dict(self.model, options=options)
         optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        reference = None
+        if self.reference.tensors is not None:
+            with self.reference.active():  # the snapshot in the parameters, gathered like them
+                # Copied inside: on one CPU rank the "gathered" tensors are the live parameters.
+                reference = _detached_copy(get_model_state_dict(self.model, options=options))
         if self.context.rank != 0:
             return None
-        return {
+        state = {
             "format": SHARDED_STATE_FORMAT,
             # Copies: on one CPU rank the "gathered" tensors can be the live parameters themselves.
             "adapter": _detached_copy(model_state),
@@ -541,6 +567,9 @@ class ShardedCore:
             "world_size": self.context.world_size,
             "torch_rng": torch.get_rng_state(),
         }
+        if reference is not None:
+            state["reference"] = reference
+        return state
 
     def load_state(self, payload: tuple[dict[str, Any] | None, int, int]) -> None:
         """Rank 0 holds the state; the others receive it by broadcast and keep their shards."""
@@ -558,14 +587,21 @@ class ShardedCore:
         options = StateDictOptions(
             full_state_dict=True, broadcast_from_rank0=True, ignore_frozen_params=True, strict=False
         )
-        adapter = state["adapter"] if state is not None else {}
-        result = set_model_state_dict(self.model, adapter, options=options)
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if is_zero and (missing or result.unexpected_keys):
-            raise ValueError(
-                f"learner state does not fit the model: missing {missing[:3]}, "
-                f"unexpected {result.unexpected_keys[:3]}"
-            )
+
+        def load_adapter(tensors: dict[str, Any]) -> None:
+            result = set_model_state_dict(self.model, tensors, options=options)
+            missing = [k for k in result.missing_keys if "lora_" in k]
+            if is_zero and (missing or result.unexpected_keys):
+                raise ValueError(
+                    f"learner state does not fit the model: missing {missing[:3]}, "
+                    f"unexpected {result.unexpected_keys[:3]}"
+                )
+
+        if self.reference.kind is KlReference.STAGE_START:
+            # The snapshot goes through the parameters (broadcast and sharded like them), then the adapter.
+            load_adapter(state["reference"] if state is not None else {})
+            self.reference.snapshot()
+        load_adapter(state["adapter"] if state is not None else {})
         set_optimizer_state_dict(
             self.model, self.optimizer, state["optimizer"] if state is not None else {}, options=options
         )
@@ -584,16 +620,6 @@ def _detached_copy(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_detached_copy(v) for v in value)
     return value
-
-
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant per-layer checkpointing (transformers >= 5.24 renamed the method)."""
-    kwargs = {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
 
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -619,6 +645,7 @@ class ShardedLearner:
         self._core = core
         self._lock = threading.Lock()
         self._closed = False
+        self._broken = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -641,18 +668,28 @@ class ShardedLearner:
     def world_size(self) -> int:
         return self._core.context.world_size
 
-    @property
-    def memory_estimate(self) -> MemoryEstimate | None:
-        return self._core.memory
-
     def _broadcast(self, messages: Sequence[_Message]) -> Any:
         if self._closed:
             raise RuntimeError("the sharded learner is closed")
         own = self._core.receive(messages)
-        return self._core.execute(own)
+        try:
+            return self._core.execute(own)
+        except StepAborted:
+            raise  # every rank refused at the same point: still in step
+        except BaseException:
+            # The other ranks may be inside a collective this rank left: no more commands.
+            self._broken = True
+            raise
 
-    def step(self, trajectories: Sequence[TrajectoryLike]) -> StepMetrics:
-        """Train on one batch across all ranks; raises ValueError on malformed input (nothing is sent)."""
+    def step(
+        self, trajectories: Sequence[TrainingSequence], *, token_masks: TokenMaskSource | None = None
+    ) -> StepMetrics:
+        """Train on one batch across all ranks; raises ValueError on malformed input (nothing is sent).
+
+        ``token_masks`` as for ``Learner.step``; it is called on rank 0 only, one micro-batch at a
+        time. A mask that does not fit raises ValueError on rank 0 (``StepAborted``) and is skipped
+        by the workers, which keep serving.
+        """
         if not trajectories:
             raise ValueError("step needs at least one trajectory")
         for t in trajectories:
@@ -667,13 +704,26 @@ class ShardedLearner:
                 self._core.num_steps += 1  # nothing to train: no collective, workers stay in sync
                 outcome = None
             else:
-                outcome = self._broadcast([_Message(Command.STEP, plan[r]) for r in range(self.world_size)])
+                masked = token_masks is not None
+                if token_masks is not None:
+                    core = self._core
+                    groups = [[core.microbatch_groups(items) for items in rank] for rank in plan]
+                    core.mask_feed = _MaskFeed(token_masks, plan, groups, core.vocab_size)
+                try:
+                    outcome = self._broadcast(
+                        [
+                            _Message(Command.STEP, _StepPlan(tuple(plan[r]), masked))
+                            for r in range(self.world_size)
+                        ]
+                    )
+                finally:
+                    self._core.mask_feed = None
             metrics = _metrics(outcome, summary, lags, num_tokens, self.policy_version, started)
         log.info("learner_step", world_size=self.world_size, **metrics.as_dict())
         return metrics
 
     def _plan(
-        self, trajectories: Sequence[TrajectoryLike]
+        self, trajectories: Sequence[TrainingSequence]
     ) -> tuple[list[list[tuple[_Item, ...]]] | None, dict[str, Any], list[int], int]:
         cfg = self.config
         adv = group_advantages(
@@ -704,6 +754,7 @@ class ShardedLearner:
                     loss_mask=tuple(bool(m) for m in t.loss_mask),
                     behavior=tuple(float(t.behavior_logprobs[j]) for j in idx),
                     advantage=float(adv.advantages[i]),
+                    source=i,
                 )
             )
             lags.extend(version - t.policy_versions[j] for j in idx)
@@ -716,6 +767,15 @@ class ShardedLearner:
             for rank, share in enumerate(shares):
                 per_rank[rank].append(tuple(items[minibatch[k]] for k in share))
         return per_rank, summary, lags, num_tokens
+
+    def snapshot_reference(self) -> bool:
+        """Make the current adapter the KL reference on every rank (``Learner.snapshot_reference``)."""
+        if self.config.kl_reference is not KlReference.STAGE_START:
+            return False
+        with self._lock:
+            self._broadcast([_Message(Command.SNAPSHOT_REFERENCE)] * self.world_size)
+        log.info("learner_reference_snapshot", policy_version=self.policy_version)
+        return True
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The full LoRA tensors on CPU, keyed as peft saves them (``lora.adapter_state``'s twin)."""
@@ -739,8 +799,10 @@ class ShardedLearner:
         if state.get("format") != SHARDED_STATE_FORMAT:
             raise ValueError(
                 "not a sharded learner state (written by the single-process Learner?); "
-                "resume it with the learner that wrote it"
+                "resume it with the learner that wrote it (a single process: no torchrun)"
             )
+        if self.config.kl_reference is KlReference.STAGE_START and "reference" not in state:
+            raise ValueError("the state has no KL reference snapshot (saved with kl_reference=base?)")
         with self._lock:
             counters = (int(state["policy_version"]), int(state["num_steps"]))
             messages = [_Message(Command.LOAD_STATE_DICT, (None, *counters))] * self.world_size
@@ -748,11 +810,15 @@ class ShardedLearner:
             self._broadcast(messages)
 
     def close(self) -> None:
-        """Release the workers (their ``serve_worker`` returns). Idempotent."""
+        """Release the workers (their ``serve_worker`` returns). Idempotent. After a command failed on
+        this rank the workers may be stuck in a collective: nothing is sent, and torchrun stops them
+        when this process exits."""
         with self._lock:
-            if not self._closed:
+            if self._broken and not self._closed:
+                log.warning("sharded_learner_not_released", reason="a command failed on rank 0")
+            elif not self._closed:
                 self._core.receive([_Message(Command.SHUTDOWN)] * self.world_size)
-                self._closed = True
+            self._closed = True
 
     def __enter__(self) -> ShardedLearner:
         return self
@@ -780,7 +846,8 @@ def serve_worker(core: ShardedCore) -> int:
             message = core.receive()
             if message.command is Command.SHUTDOWN:
                 return served
-            core.execute(message)
+            with contextlib.suppress(StepAborted):  # refused on every rank alike; rank 0 reports it
+                core.execute(message)
             served += 1
     finally:
         if previous is not None:
@@ -840,8 +907,18 @@ def _metrics(
     stats = outcome.stats if outcome is not None else LossStats.empty()
     n = stats.num_tokens
     duration = time.perf_counter() - started
+    applied = outcome.applied if outcome is not None else 0
+    masked, counted = outcome.constrained if outcome is not None else (0, 0)
+    skip = None
+    if outcome is None:
+        skip = SkipReason.NO_LOSS_TOKENS
+    elif not applied:
+        skip = SkipReason.NON_FINITE_GRAD
     return StepMetrics(
-        updated=outcome is not None and outcome.applied > 0,
+        updated=applied > 0,
+        skip_reason=skip,
+        updates_applied=applied,
+        constrained_fraction=masked / counted if counted else 0.0,
         policy_version=policy_version,
         num_loss_tokens=n,
         num_tokens=num_tokens,

@@ -8,7 +8,8 @@ Order of a step (cleanrl-style, top to bottom in ``Learner.step``):
 3. proximal logprobs = the weights when the batch is taken. With one update per batch they equal
    the training pass's own logprobs, detached (same weights, same ops), so no extra forward pass is
    spent; with several updates they are computed up front without grad;
-4. per micro-batch: the grammar masks of its members, when the caller gives a mask source (the
+4. per micro-batch (``objective.py``, the code the sharded learner runs too): the grammar masks of
+   its members, when the caller gives a mask source (the
    policy, the reference and the entropy are then all taken under the masks the engine sampled
    under); forward with grad, reference logprobs (when the KL is on; ``kl_reference`` says which
    policy: the base model, or the adapter as it was at ``snapshot_reference``), loss normalised by the
@@ -23,12 +24,11 @@ publishing weights to engines (both in ``envtune.runtime``).
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,18 +37,12 @@ import structlog
 import torch
 
 from .advantages import group_advantages
-from .config import Batching, KlReference, LearnerConfig
-from .lora import adapter_state, attach_lora, load_adapter_state, reference_mode, save_adapter
+from .config import KlReference, LearnerConfig
+from .lora import adapter_state, load_adapter_state, save_adapter
 from .lora import trainable_parameters as lora_parameters
-from .losses import LossStats, policy_loss
-from .packing import (
-    ModelBatch,
-    build_batch,
-    enable_packed_attention,
-    plan_microbatches,
-    token_logprobs,
-    with_masks,
-)
+from .losses import LossStats
+from .objective import PolicyObjective, ReferencePolicy, TokenLogprobModel, per_token, prepare_model
+from .packing import ModelBatch, build_batch, plan_microbatches, with_masks
 
 log = structlog.get_logger(__name__)
 
@@ -159,7 +153,6 @@ class StepMetrics:
     """Wall time of the step."""
     tokens_per_s: float
     """``num_tokens`` trained per second (forwards and backwards, all passes)."""
-    # --- issue 10 (optim): new fields ---------------------------------------------------------------
     skip_reason: SkipReason | None = None
     """Why the step did not update (``updated`` is False), None when it did. The runtime must then
     release the batch's groups (they were not trained), or its staleness gate loses their slots."""
@@ -168,7 +161,6 @@ class StepMetrics:
     gradient: the step still counts as updated, the skipped mini-batch's data was not trained on)."""
     constrained_fraction: float = 0.0
     """Fraction of loss tokens whose logprobs were taken under a grammar mask (over all passes)."""
-    # --- end issue 10 --------------------------------------------------------------------------------
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return asdict(self)
@@ -185,6 +177,21 @@ class _Prepared:
     """Index of the trajectory in the batch given to ``step`` (for the mask source)."""
 
 
+class PolicyLearner(Protocol):
+    """What the runtime drives: ``Learner`` in one process, ``distributed.ShardedLearner`` on rank 0
+    of a ``torchrun`` job."""
+
+    @property
+    def policy_version(self) -> int: ...
+    def step(
+        self, trajectories: Sequence[TrainingSequence], *, token_masks: TokenMaskSource | None = None
+    ) -> StepMetrics: ...
+    def snapshot_reference(self) -> bool: ...
+    def save_adapter(self, folder: Path) -> int: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class Learner:
     """Off-policy-corrected GRPO on a LoRA adapter; ``step`` is synchronous and thread-safe."""
 
@@ -199,14 +206,10 @@ class Learner:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0 (greedy samples cannot be trained), got {temperature}")
         self._config = config
-        self._temperature = temperature
-        """The rollouts' sampling temperature: logits are divided by it to match behaviour logprobs."""
-        self._model = attach_lora(model, config.lora)
+        self._model = prepare_model(model, config)
         if device is not None:
             self._model.to(device)
         self._device = next(self._model.parameters()).device
-        if config.batching is Batching.PACKED:
-            self._attention = enable_packed_attention(self._model)
         self._params = lora_parameters(self._model)
         if not self._params:
             raise ValueError("the model has no trainable parameters")
@@ -220,9 +223,11 @@ class Learner:
         self._lock = threading.Lock()
         self._policy_version = 0
         self._num_steps = 0
-        self._reference: list[torch.Tensor] | None = None
-        if config.kl_reference is KlReference.STAGE_START:
-            self._reference = [p.detach().clone() for p in self._params]
+        self._reference = ReferencePolicy(self._model, self._params, config.kl_reference)
+        policy = TokenLogprobModel(
+            self._model, temperature=temperature, logits_chunk_elements=config.logits_chunk_elements
+        )
+        self._objective = PolicyObjective(policy, config, device=self._device, reference=self._reference)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -292,10 +297,9 @@ class Learner:
     def snapshot_reference(self) -> bool:
         """Make the current adapter the KL reference (``kl_reference = stage_start``); call it when a
         stage begins. Returns False, changing nothing, under ``kl_reference = base``."""
-        if self._config.kl_reference is not KlReference.STAGE_START:
-            return False
         with self._lock:
-            self._reference = [p.detach().clone() for p in self._params]
+            if not self._reference.snapshot():
+                return False
         log.info("learner_reference_snapshot", policy_version=self._policy_version)
         return True
 
@@ -434,39 +438,8 @@ class Learner:
             counter[0] += int((batch.token_masks != -1).any(-1).sum())
         return batch
 
-    @contextlib.contextmanager
-    def _reference_weights(self) -> Iterator[None]:
-        """Inside, the model computes the KL reference policy (see ``KlReference``)."""
-        if self._reference is None:
-            with reference_mode(self._model):
-                yield
-            return
-        # Swap the snapshot's storage in (no copy), and back even if the forward fails.
-        current = [p.data for p in self._params]
-        for p, ref in zip(self._params, self._reference, strict=True):
-            p.data = ref
-        try:
-            yield
-        finally:
-            for p, data in zip(self._params, current, strict=True):
-                p.data = data
-
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
-        if self._config.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self._device.type, dtype=getattr(torch, self._config.autocast_dtype))
-
     def _logprobs_no_grad(self, batch: ModelBatch, *, reference: bool = False) -> torch.Tensor:
-        self._model.eval()
-        ref = self._reference_weights() if reference else contextlib.nullcontext()
-        with torch.no_grad(), ref, self._autocast():
-            logp, _ = token_logprobs(
-                self._model,
-                batch,
-                temperature=self._temperature,
-                logits_chunk_elements=self._config.logits_chunk_elements,
-            )
-        return logp
+        return self._objective.logprobs(batch, reference=reference)
 
     def _update(
         self,
@@ -484,40 +457,17 @@ class Learner:
         self._optimizer.zero_grad(set_to_none=True)
         for k, batch in enumerate(batches):
             batch = self._masked(batch, prepared, token_masks, constrained)
-            behavior = torch.tensor(
-                [x for m in batch.members for x in prepared[m].behavior],
-                dtype=torch.float32,
-                device=self._device,
+            behavior, advantages = per_token(
+                [prepared[m].behavior for m in batch.members],
+                [prepared[m].advantage for m in batch.members],
+                self._device,
             )
-            advantages = torch.tensor(
-                [prepared[m].advantage for m in batch.members for _ in prepared[m].behavior],
-                dtype=torch.float32,
-                device=self._device,
-            )
-            ref = self._logprobs_no_grad(batch, reference=True) if cfg.loss.kl_coef > 0 else None
-            self._model.train()
-            with self._autocast():
-                logp, entropy = token_logprobs(
-                    self._model,
-                    batch,
-                    temperature=self._temperature,
-                    with_entropy=True,
-                    logits_chunk_elements=cfg.logits_chunk_elements,
-                )
-            if entropy is not None and cfg.loss.entropy_coef == 0:
-                entropy = entropy.detach()
-            prox = proximal[k] if proximal is not None else logp.detach()
-            loss, mb_stats = policy_loss(
-                logp,
-                prox,
+            loss, mb_stats = self._objective.loss(
+                batch,
                 behavior,
                 advantages,
-                torch.ones_like(behavior, dtype=torch.bool),
                 num_tokens=n_global,
-                config=cfg.loss,
-                sequence_index=batch.sequence_index,
-                entropy=entropy,
-                ref_logprobs=ref,
+                proximal=proximal[k] if proximal is not None else None,
             )
             loss.backward()
             total += float(loss.detach())
@@ -547,14 +497,14 @@ class Learner:
                 "num_steps": self._num_steps,
                 "torch_rng": torch.get_rng_state(),
             }
-            if self._reference is not None:
-                state["reference"] = [r.cpu().clone() for r in self._reference]
+            if self._reference.tensors is not None:
+                state["reference"] = [r.cpu().clone() for r in self._reference.tensors]
             return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (same model shape and config)."""
         reference = None
-        if self._reference is not None:
+        if self._reference.kind is KlReference.STAGE_START:
             if "reference" not in state:
                 raise ValueError("the state has no KL reference snapshot (saved with kl_reference=base?)")
             reference = state["reference"]
@@ -567,8 +517,7 @@ class Learner:
             self._num_steps = int(state["num_steps"])
             torch.set_rng_state(state["torch_rng"])
             if reference is not None:
-                pairs = zip(reference, self._params, strict=True)
-                self._reference = [r.to(p.device, p.dtype) for r, p in pairs]
+                self._reference.load(reference)
 
 
 def _check_batch(trajectories: Sequence[TrainingSequence]) -> None:

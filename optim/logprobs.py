@@ -76,10 +76,15 @@ def check_masks(masks: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> 
         )
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32, or the tensor's own dtype when it is wider (fp64 models, in the equivalence checks)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _masked_scaled(raw: torch.Tensor, temperature: float, allowed: torch.Tensor | None) -> torch.Tensor:
     """fp32 ``raw`` / temperature, -inf where not allowed; may work in ``raw``'s storage (callers pass
     a fresh LM-head output they do not use again)."""
-    z = raw.float()
+    z = raw.to(_compute_dtype(raw))
     if temperature != 1.0:
         z.div_(temperature)
     if allowed is not None:
@@ -96,7 +101,7 @@ def token_logprobs_reference(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The straightforward full-vocabulary computation from [N, vocab] logits (autograd throughout)."""
-    z = logits.float()
+    z = logits.to(_compute_dtype(logits))
     if temperature != 1.0:
         z = z / temperature
     allowed = None
@@ -143,9 +148,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = hidden.shape[0]
         vocab = weight.shape[0]
-        logp = hidden.new_empty(n, dtype=torch.float32)
-        lse = hidden.new_empty(n, dtype=torch.float32)
-        entropy = hidden.new_zeros(n if with_entropy else 0, dtype=torch.float32)
+        dtype = _compute_dtype(hidden)
+        logp = hidden.new_empty(n, dtype=dtype)
+        lse = hidden.new_empty(n, dtype=dtype)
+        entropy = hidden.new_zeros(n if with_entropy else 0, dtype=dtype)
         for start in range(0, n, chunk_tokens):
             end = min(n, start + chunk_tokens)
             allowed = _chunk_allowed(masks, start, end, vocab)
@@ -181,8 +187,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             grad_entropy = None
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
+        grad_w = torch.zeros_like(weight, dtype=_compute_dtype(weight)) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=_compute_dtype(bias)) if need_b and bias is not None else None
         if grad_logp is None and grad_entropy is None:
             return grad_h, grad_w, grad_b, None, None, None, None, None
         device_type, autocast_on, autocast_dtype = ctx.autocast
@@ -215,9 +221,9 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[start:end] = g @ weight.to(raw.dtype)
                 if grad_w is not None:
-                    grad_w += (g.t() @ h.to(raw.dtype)).float()
+                    grad_w += (g.t() @ h.to(raw.dtype)).to(grad_w.dtype)
                 if grad_b is not None:
-                    grad_b += g.float().sum(0)
+                    grad_b += g.to(grad_b.dtype).sum(0)
         return (
             grad_h,
             grad_w.to(weight.dtype) if grad_w is not None else None,

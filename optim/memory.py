@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .config import LearnerConfig
+
 GIB = 1024**3
 
 QWEN2_LINEAR_MODULES: tuple[str, ...] = (
@@ -246,6 +248,7 @@ def estimate_learner_memory(
     lora_dtype: str | None = None,
     logits_chunk_tokens: int | None = None,
     workspace_gib: float = 2.0,
+    sharded: bool = True,
 ) -> MemoryEstimate:
     """Estimate one rank's peak while training a micro-batch (see the module docstring).
 
@@ -256,6 +259,7 @@ def estimate_learner_memory(
     logits exist at once (chunked log-probabilities). ``lora_dtype`` is the dtype the LoRA branches
     compute in: the parameter dtype under FSDP2's mixed-precision policy (the default), "float32"
     for peft's fp32 adapter over a bf16 base without one (the single-process learner).
+    ``sharded`` False is the single-process learner: no FSDP unit is ever gathered on top.
     """
     if world_size < 1 or lora_rank < 1 or micro_batch_tokens < 1:
         raise ValueError("world_size, lora_rank and micro_batch_tokens must be >= 1")
@@ -280,7 +284,7 @@ def estimate_learner_memory(
     logits = kept * shape.vocab_size * (a + 5 * 4)
     return MemoryEstimate(
         base_shard=_ceil_div(shape.base_params() * a, world_size),
-        gathered_units=(shape.root_params() + 2 * shape.layer_params()) * a,
+        gathered_units=(shape.root_params() + 2 * shape.layer_params()) * a if sharded else 0,
         lora_params=_ceil_div(n_lora * 4, world_size),
         lora_grads=_ceil_div(n_lora * 4, world_size),
         optimizer=_ceil_div(n_lora * 8, world_size),
@@ -310,6 +314,48 @@ def check_fits(estimate: MemoryEstimate, capacity_bytes: int, *, usable_fraction
     raise MemoryBudgetError(
         f"the learner needs about {estimate.total / GIB:.1f} GiB per GPU but "
         f"{usable / GIB:.1f} GiB are usable ({estimate.describe()}); " + "; ".join(hints)
+    )
+
+
+def estimate_for_config(
+    model_config: Any,
+    learner: LearnerConfig,
+    *,
+    world_size: int,
+    sharded: bool,
+    on_gpu: bool,
+    max_sequence_tokens: int = 0,
+) -> MemoryEstimate | None:
+    """The estimate for a run's learner: ``model_config`` is the model's ``config.json`` (a dict or
+    a transformers config), ``learner`` the run's ``learner`` section. None for a model that is not
+    Qwen2/Llama-shaped (nothing to estimate from).
+
+    On a GPU the base is bf16; the sharded learner's LoRA computes in bf16 under FSDP2's
+    mixed-precision policy, the single-process learner's in peft's fp32. Chunked log-probabilities
+    (``logits_chunk_elements``) bound the positions whose logits exist at once.
+    """
+    try:
+        shape = ModelShape.from_hf_config(model_config)
+        shape.lora_params(learner.lora.rank, learner.lora.target_modules)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return None  # not a Qwen2/Llama decoder, or adapters on modules the estimate does not know
+    mixed = on_gpu and (learner.distributed.mixed_precision or not sharded)
+    param_dtype = "bfloat16" if mixed else "float32"
+    lora_dtype = param_dtype if sharded else "float32"
+    chunk = learner.logits_chunk_elements // shape.vocab_size if learner.logits_chunk_elements else None
+    return estimate_learner_memory(
+        shape,
+        world_size=world_size,
+        lora_rank=learner.lora.rank,
+        lora_targets=learner.lora.target_modules,
+        micro_batch_tokens=learner.micro_batch_tokens,
+        max_sequence_tokens=max_sequence_tokens,
+        gradient_checkpointing=learner.gradient_checkpointing,
+        param_dtype=param_dtype,
+        lora_dtype=lora_dtype,
+        logits_chunk_tokens=max(1, chunk) if chunk is not None else None,
+        workspace_gib=learner.memory.workspace_gib if on_gpu else 0.0,
+        sharded=sharded,
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from envtune.runtime.engines.settings import RouterSettings, SGLangLaunchSettings
 from envtune.runtime.engines.sglang_launcher import (
     LaunchError,
     RouterConfig,
@@ -24,6 +25,7 @@ from envtune.runtime.engines.sglang_launcher import (
     worker_command,
     worker_environment,
 )
+from envtune.runtime.recipe.config import ConfigError, load_config
 
 STANDIN = str(Path(__file__).resolve().parent / "sglang_standin_worker.py")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -49,7 +51,11 @@ def _free(port: int) -> bool:
     return True
 
 
+LAUNCH_FIELDS = {"model_path", "lora_rank", "lora_target_modules", "entry", "log_dir", "admin_api_key"}
+
+
 def config(tmp_path: Path, **overrides: object) -> SGLangLaunchConfig:
+    """An ``engine.launch`` section (``SGLangLaunchSettings``) plus the run's part, from one dict."""
     fields: dict[str, object] = {
         "python": sys.executable,
         "model_path": "/models/Qwen2.5-7B-Instruct",
@@ -61,7 +67,8 @@ def config(tmp_path: Path, **overrides: object) -> SGLangLaunchConfig:
         "shutdown_timeout_s": 5.0,
     }
     fields.update(overrides)
-    return SGLangLaunchConfig(**fields)  # type: ignore[arg-type]
+    settings = SGLangLaunchSettings(**{k: v for k, v in fields.items() if k not in LAUNCH_FIELDS})  # type: ignore[arg-type]
+    return SGLangLaunchConfig(settings, **{k: v for k, v in fields.items() if k in LAUNCH_FIELDS})  # type: ignore[arg-type]
 
 
 def test_worker_command_is_sglangs_launch_server_with_the_lora_flags(tmp_path: Path) -> None:
@@ -87,7 +94,12 @@ def test_worker_command_is_sglangs_launch_server_with_the_lora_flags(tmp_path: P
     ]  # fmt: skip
     assert cfg.gpu_groups() == [("0", "1"), ("2", "3")]
     assert cfg.urls() == ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
-    env = worker_environment(cfg, 1, {"PATH": "/bin", "VIRTUAL_ENV": "/work/.venv", "PYTHONPATH": "x"})
+    launcher_env = {
+        "PATH": "/bin", "VIRTUAL_ENV": "/work/.venv", "PYTHONPATH": "x", "CUDA_VISIBLE_DEVICES": "4,5,6,7",
+        "RANK": "0", "WORLD_SIZE": "4", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "r",
+        "OMP_NUM_THREADS": "1",
+    }  # fmt: skip  (rank 0 of a torchrun job, learner on GPUs 4-7)
+    env = worker_environment(cfg, 1, launcher_env)
     assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "2,3"}
 
 
@@ -105,13 +117,16 @@ def test_bad_launch_configs_are_refused(tmp_path: Path) -> None:
 
 
 def test_router_command_uses_the_manual_policy(tmp_path: Path) -> None:
-    cfg = RouterConfig(python="py", worker_urls=("http://a:1", "http://b:2"), port=30080)
+    cfg = RouterConfig(RouterSettings(port=30080), python="py", worker_urls=("http://a:1", "http://b:2"))
     assert router_command(cfg) == [
         "py", "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", "30080",
-        "--policy", "manual", "--assignment-mode", "min_load", "--worker-urls", "http://a:1", "http://b:2",
+        "--policy", "manual", "--assignment-mode", "min_load", "--prometheus-port", "29000",
+        "--worker-urls", "http://a:1", "http://b:2",
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="policy"):
-        RouterConfig(python="py", worker_urls=("http://a:1",), policy="sticky")
+    with pytest.raises(ValueError, match="worker URL"):
+        RouterConfig(RouterSettings(), python="py", worker_urls=())
+    with pytest.raises(ConfigError, match="policy"):
+        load_config(None, ["engine.router.policy=sticky"])
 
 
 async def test_two_workers_start_healthy_keep_the_key_private_and_stop(tmp_path: Path) -> None:

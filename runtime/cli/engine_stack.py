@@ -3,8 +3,11 @@
 ``open_engines`` resolves the model folder (building the tiny local model when none is named) and
 starts, per ``engine.kind``: the embedded engine behind envtune's SGLang-protocol server on
 127.0.0.1 with the SGLang client talking to it over real HTTP (so the CPU default exercises the same
-client a GPU run uses); or a client to running SGLang servers; or a launched
-``python -m sglang.launch_server`` with LoRA enabled. Whatever it started it closes.
+client a GPU run uses); or a client to running SGLang servers; or SGLang workers launched from
+SGLang's own environment, one per GPU or tensor-parallel group, with the learner's LoRA flags and a
+fresh admin key (``runtime/engines/sglang_launcher.py``). With ``engine.router.enabled`` SGLang's
+router goes in front of the workers for generation (control calls still reach each worker). Whatever
+it started it closes; ``run_watched`` ends a run in order when a launched process dies.
 
 Left out: what runs on the engines (the recipe).
 """
@@ -13,22 +16,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from envtune.optim.config import LoraSettings
+from envtune.runtime.engines.sglang_launcher import (
+    RouterConfig,
+    SGLangLaunchConfig,
+    SGLangRouter,
+    SGLangWorkers,
+    WorkerDied,
+)
 from envtune.runtime.recipe.config import EngineConfig, ModelConfig
 
 if TYPE_CHECKING:
     from envtune.runtime.engines.sglang_client import SGLangClient
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+WATCH_INTERVAL_S = 1.0
+"""How often launched processes are checked for life."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +54,9 @@ class EngineStack:
     """The policy model's folder (tokenizer and base weights)."""
     description: str
     """For logs: where tokens come from."""
+    watch: Callable[[], Awaitable[None]] | None = None
+    """Returns never; raises ``WorkerDied`` when a launched worker or the router exits. Run it in the
+    run's TaskGroup (``run_watched``). None when nothing was launched."""
 
 
 async def resolve_model_path(model: ModelConfig) -> Path:
@@ -56,56 +72,52 @@ async def resolve_model_path(model: ModelConfig) -> Path:
     return await asyncio.to_thread(build_tiny_model, folder, seed=model.tiny_seed)
 
 
-def sglang_launch_command(model_path: str, engine: EngineConfig, lora: LoraSettings) -> list[str]:
-    """``python -m sglang.launch_server`` with LoRA enabled for the learner's adapters."""
-    extra = list(engine.launch.extra_args)
-    command = [
-        sys.executable,
-        "-m",
-        "sglang.launch_server",
-        "--model-path",
-        model_path,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(engine.launch.port),
-        "--enable-lora",
-        "--max-lora-rank",
-        str(lora.rank),
-        "--lora-target-modules",
-        *lora.target_modules,
-    ]
-    if "--mem-fraction-static" not in extra:
-        # The learner trains on the same GPU: leave it room (SGLang's default takes ~90%).
-        command += ["--mem-fraction-static", "0.5"]
-    return command + extra
+def _watcher(
+    workers: SGLangWorkers | None, router: SGLangRouter | None
+) -> Callable[[], Awaitable[None]] | None:
+    if workers is None and router is None:
+        return None
+
+    async def watch() -> None:
+        while True:
+            if workers is not None:
+                workers.check()
+            if router is not None:
+                router.check()
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    return watch
 
 
-async def _wait_healthy(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    import aiohttp
+def _log_dir() -> Path:
+    """Where launched processes log when the caller named no folder (kept: logs explain failures)."""
+    return Path(tempfile.mkdtemp(prefix="envtune-sglang-"))
 
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"sglang.launch_server exited with code {process.returncode} before it was healthy"
-                )
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(f"{url}/health") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(2.0)
-    raise TimeoutError(f"SGLang at {url} not healthy after {timeout_s:.0f} s")
+
+@contextlib.asynccontextmanager
+async def _router(
+    engine: EngineConfig, worker_urls: Sequence[str], log_dir: Path | None
+) -> AsyncIterator[SGLangRouter | None]:
+    """SGLang's router in front of ``worker_urls`` when ``engine.router.enabled`` (else None)."""
+    if not engine.router.enabled:
+        yield None
+        return
+    log_dir = log_dir or _log_dir()
+    python = engine.router.python or engine.launch.python
+    config = RouterConfig(engine.router, python, tuple(worker_urls), log_dir=str(log_dir))
+    log.info("sglang_router_launching", workers=list(worker_urls), port=engine.router.port)
+    async with SGLangRouter(config) as router:
+        yield router
 
 
 @contextlib.asynccontextmanager
 async def open_engines(
-    model: ModelConfig, engine: EngineConfig, lora: LoraSettings | None = None
+    model: ModelConfig, engine: EngineConfig, lora: LoraSettings | None = None, *, log_dir: Path | None = None
 ) -> AsyncIterator[EngineStack]:
     """Start (or connect to) the engines of ``engine``; closes what it started.
 
-    ``lora`` shapes a launched server's LoRA slots (the learner's adapter); defaults otherwise.
+    ``lora`` shapes launched workers' LoRA slots (the learner's adapter); defaults otherwise.
+    ``log_dir`` receives launched workers' and the router's logs (a new temporary folder if None).
     """
     from envtune.runtime.engines.sglang_client import SGLangClient
 
@@ -127,21 +139,55 @@ async def open_engines(
             await embedded.close()
     elif engine.kind == "sglang":
         urls = engine.sglang.urls
-        async with SGLangClient(engine.sglang) as client:
-            yield EngineStack(client, model_path, f"SGLang at {', '.join(urls)}")
+        async with _router(engine, urls, log_dir) as router:
+            settings = replace(engine.sglang, router_url=router.url) if router else engine.sglang
+            async with SGLangClient(settings) as client:
+                where = f" behind the router at {settings.router_url}" if settings.router_url else ""
+                description = f"SGLang at {', '.join(urls)}{where}"
+                yield EngineStack(client, model_path, description, _watcher(None, router))
     else:
-        command = sglang_launch_command(str(model_path), engine, lora or LoraSettings())
-        log.info("sglang_launching", command=" ".join(command))
-        process = subprocess.Popen(command)
-        url = f"http://127.0.0.1:{engine.launch.port}"
+        log_dir = log_dir or _log_dir()
+        lora = lora or LoraSettings()
+        launch = SGLangLaunchConfig(
+            engine.launch, str(model_path), lora.rank, lora.target_modules, log_dir=str(log_dir)
+        )
+        log.info("sglang_workers_launching", gpus=launch.gpu_groups(), urls=launch.urls(), logs=str(log_dir))
+        async with SGLangWorkers(launch) as workers, _router(engine, workers.urls, log_dir) as router:
+            urls = tuple(workers.urls)
+            settings = replace(engine.sglang, urls=urls, router_url=router.url if router else "")
+            async with SGLangClient(settings, admin_api_key=workers.admin_api_key) as client:
+                where = f" behind the router at {router.url}" if router else ""
+                yield EngineStack(
+                    client,
+                    model_path,
+                    f"{len(urls)} launched SGLang worker(s) at {', '.join(urls)}{where}",
+                    _watcher(workers, router),
+                )
+
+
+async def run_watched(engines: EngineStack, work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T:
+    """Run ``work`` (the training) while the engines' ``watch`` runs in the same TaskGroup.
+
+    When a launched worker or the router dies, ``stop`` is set, so the run ends in order (no new
+    episodes, a checkpoint, the report), and ``WorkerDied`` is raised once ``work`` has returned.
+    """
+    if engines.watch is None:
+        return await work
+    watch = engines.watch
+    died: list[WorkerDied] = []
+
+    async def watcher() -> None:
         try:
-            await _wait_healthy(url, process, engine.launch.timeout_s)
-            async with SGLangClient(replace(engine.sglang, urls=(url,))) as client:
-                yield EngineStack(client, model_path, f"launched SGLang at {url}")
-        finally:
-            process.terminate()
-            try:
-                await asyncio.to_thread(process.wait, 60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
+            await watch()
+        except WorkerDied as exc:
+            log.error("sglang_process_died", error=str(exc), hint="stopping the run with a checkpoint")
+            died.append(exc)
+            stop.set()
+
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(watcher())
+        result = await work
+        task.cancel()
+    if died:
+        raise died[0]
+    return result

@@ -5,12 +5,17 @@
     envtune-run --model /models/Qwen2.5-7B-Instruct --sglang http://h1:30000,http://h2:30000
     envtune-run --model /models/Qwen2.5-7B-Instruct --launch-sglang
     envtune-run --resume [RUN_DIR]                # the last complete checkpoint of a run
+    torchrun --standalone --nproc-per-node 4 -m envtune.runtime.cli.run --model ... --launch-sglang
+
+Under ``torchrun`` the learner is sharded over the ranks (``ranks.py``); rank 0 runs what follows.
 
 Which config: a TOML file when given; else the paper preset when a real model is named
 (``--model``/``--sglang``/``--launch-sglang``); else the CPU preset. ``--set`` overrides go last.
 
-What it does: resolve the config, create (or reopen) the run folder, open the engine stack
-(``engine_stack.py``), run ``recipe.training.train`` under signal handlers, write the report.
+What it does: resolve the config, check the learner's memory estimate for the model (a run that
+cannot fit is refused before anything loads), create (or reopen) the run folder, open the engine
+stack (``engine_stack.py``; launched workers are watched: one that dies stops the run in order),
+run ``recipe.training.train`` under signal handlers, write the report.
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM ends the run cleanly: no new work, in-flight episodes are
 cancelled, a checkpoint of the last completed step is written, and the report is produced; a
@@ -28,9 +33,12 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+from envtune.optim.memory import MemoryBudgetError
+from envtune.runtime.cli.engine_stack import resolve_model_path
+from envtune.runtime.engines.sglang_launcher import LaunchError, WorkerDied
 from envtune.runtime.logs import configure_logging
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import (
@@ -41,7 +49,11 @@ from envtune.runtime.recipe.config import (
     dump_config,
     load_config,
 )
+from envtune.runtime.recipe.learner_setup import check_memory, check_resume, under_torchrun
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder, RunFolderError
+
+if TYPE_CHECKING:
+    from envtune.optim.learner import PolicyLearner
 
 log = structlog.get_logger(__name__)
 
@@ -115,7 +127,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--sglang", help="comma-separated URLs of SGLang servers serving --model (LoRA enabled)"
     )
     parser.add_argument(
-        "--launch-sglang", action="store_true", help="start `python -m sglang.launch_server` here"
+        "--launch-sglang",
+        action="store_true",
+        help="start SGLang workers here, one per GPU group of engine.launch.gpus, from SGLang's own "
+        "environment (engine.launch.python, `make sglang-env`)",
     )
     parser.add_argument(
         "--resume",
@@ -181,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for key, type_name, doc in config_io.describe_keys(Config):
             print(f"{key}  ({type_name})\n    {' '.join(doc.split())}")
         return
+    if under_torchrun() and not args.print_config:
+        from envtune.runtime.cli.ranks import main_ranks
+
+        main_ranks(args, parser, resolve_config, run_training)  # the learner on every rank, the run on 0
+        return
     try:
         config, folder, checkpoint = resolve_config(args)
     except (ConfigError, RunFolderError) as exc:
@@ -189,6 +209,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stdout.write(dump_config(config))
         return
     configure_logging(config.logging.format, config.logging.level)
+    model_path = asyncio.run(resolve_model_path(config.model))
+    try:
+        import torch
+
+        if checkpoint is not None:
+            check_resume(checkpoint.path, sharded=False)
+        check_memory(config, model_path, world_size=1, sharded=False, on_gpu=torch.cuda.is_available())
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except MemoryBudgetError as exc:
+        parser.exit(2, f"envtune-run: error: {exc}\n")
+    run_training(config, folder, checkpoint)
+
+
+def run_training(
+    config: Config,
+    folder: RunFolder | None,
+    checkpoint: Checkpoint | None,
+    learner: PolicyLearner | None = None,
+) -> None:
+    """Create (or reopen) the run folder, run the training, write the report; the folder's path is
+    the last line on stdout. ``learner``: the sharded learner on rank 0 of a ``torchrun`` job."""
     if folder is None:
         folder = RunFolder.create(Path(config.run.out_dir), config.run.name)
     else:
@@ -203,9 +245,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     failure: NoProgressError | None = None
     try:
-        steps = asyncio.run(_main_async(config, folder, checkpoint, progress))
+        steps = asyncio.run(_main_async(config, folder, checkpoint, progress, learner))
     except NoProgressError as exc:  # checkpointed on the way out; the report says so too
         failure, steps = exc, -1
+    except (LaunchError, WorkerDied) as exc:
+        # The engines failed (a worker died: the run stopped in order first): report, then say why.
+        progress.close()
+        from envtune.runtime.recipe.report import write_report
+
+        write_report(folder)
+        sys.stderr.write(f"envtune-run: error: {exc}\n{folder.path}\n")
+        raise SystemExit(1) from None
     progress.close()
     from envtune.runtime.recipe.report import write_report
 
@@ -219,9 +269,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 async def _main_async(
-    config: Config, folder: RunFolder, checkpoint: Checkpoint | None, progress: ProgressLine
+    config: Config,
+    folder: RunFolder,
+    checkpoint: Checkpoint | None,
+    progress: ProgressLine,
+    learner: PolicyLearner | None = None,
 ) -> int:
-    from envtune.runtime.cli.engine_stack import open_engines
+    from envtune.runtime.cli.engine_stack import open_engines, run_watched
     from envtune.runtime.recipe.training import train
 
     stop = asyncio.Event()
@@ -241,9 +295,11 @@ async def _main_async(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
-        async with open_engines(config.model, config.engine, config.learner.lora) as engines:
+        async with open_engines(
+            config.model, config.engine, config.learner.lora, log_dir=folder.path
+        ) as engines:
             log.info("engines_ready", engines=engines.description, model=str(engines.model_path))
-            return await train(
+            work = train(
                 config,
                 folder,
                 engines.client,
@@ -252,7 +308,9 @@ async def _main_async(
                 checkpoint=checkpoint,
                 stop=stop,
                 on_step=progress.update,
+                learner=learner,
             )
+            return await run_watched(engines, work, stop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

@@ -7,6 +7,7 @@ or validating a config never loads a backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +37,18 @@ class SGLangClientConfig:
     """Where the SGLang servers are and how hard to try."""
 
     urls: tuple[str, ...] = ()
-    """Base URLs of the replicas (or of one router), e.g. ``["http://127.0.0.1:30000"]``."""
+    """Base URLs of the workers (replicas), e.g. ``["http://127.0.0.1:30000"]``: generation is balanced
+    over them unless ``router_url`` is set; adapter loads and other control calls go to each."""
+    router_url: str = ""
+    """An SGLang router in front of ``urls`` (``sglang_router.launch_router``): generation goes there
+    with the episode's affinity key as ``X-SMG-Routing-Key``; control calls never do (the router does
+    not forward them). Empty: no router, or the one ``engine.router`` starts."""
     api_key: str | None = None
     """Sent as ``Authorization: Bearer KEY`` when set (SGLang's ``--api-key``)."""
+    admin_api_key_env: str = "ENVTUNE_ADMIN_API_KEY"
+    """Environment variable holding the workers' admin key (SGLang's ``--admin-api-key``, needed on
+    control calls once set), for workers started outside envtune; workers envtune launches get a
+    fresh key each run."""
     max_connections: int = 512
     """Pool size over all replicas (``TCPConnector(limit=...)``)."""
     request_timeout_s: float = 900.0
@@ -61,3 +71,112 @@ class SGLangClientConfig:
     def __post_init__(self) -> None:
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+
+_LAUNCHER_OWNED = ("--admin-api-key", "--api-key", "--port", "--host", "--dp-size", "--dp", "--config")
+"""``launch_server`` flags the launcher sets itself (``--dp-size`` > 1 breaks dynamic LoRA loading)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SGLangLaunchSettings:
+    """SGLang workers envtune starts on this host (``engine.kind = "launch"``): one
+    ``sglang.launch_server`` per GPU or tensor-parallel group, from SGLang's own environment
+    (``make sglang-env``), with the LoRA flags of the learner's adapter and an admin key
+    (``runtime/engines/sglang_launcher.py``)."""
+
+    python: str = ".venv-sglang/bin/python"
+    """The interpreter of SGLang's environment (never envtune's: their torch pins differ)."""
+    gpus: tuple[str, ...] = ("0",)
+    """CUDA device ids the workers use, split into groups of ``tp_size``, one worker per group."""
+    tp_size: int = 1
+    """GPUs per worker (SGLang's ``--tp-size``)."""
+    host: str = "127.0.0.1"
+    """Interface the workers listen on (``0.0.0.0`` when the learner runs on another host)."""
+    base_port: int = 30000
+    """Worker k listens on ``base_port + k``."""
+    max_loras_per_batch: int = 4
+    """``--max-loras-per-batch``: adapters in one running batch. Staleness-bounded training keeps a
+    few policy versions in flight at once; base-model requests count as one."""
+    max_loaded_loras: int | None = None
+    """``--max-loaded-loras`` (``none``: SGLang's default)."""
+    mem_fraction_static: float | None = None
+    """``--mem-fraction-static`` (``none``: SGLang's default, ~0.85-0.9 of the GPU); lower it when the
+    learner shares the workers' GPUs."""
+    extra_args: tuple[str, ...] = ()
+    """More ``launch_server`` flags, appended last (not the ones the launcher owns: ``--port``,
+    ``--host``, ``--dp-size``, the keys, ``--config``)."""
+    health_timeout_s: float = 1200.0
+    """Longest wait for every worker's ``/health`` (a 7B model with CUDA graphs takes minutes)."""
+    shutdown_timeout_s: float = 60.0
+    """Grace period between SIGTERM and SIGKILL at the end."""
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1 or not self.gpus or len(self.gpus) % self.tp_size:
+            raise ValueError(
+                f"{len(self.gpus)} GPU(s) do not split into tensor-parallel groups of {self.tp_size}"
+            )
+        if len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"GPU ids repeat: {self.gpus}")
+        if self.max_loras_per_batch < 1:
+            raise ValueError("max_loras_per_batch must be >= 1")
+        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
+            raise ValueError("max_loaded_loras must be >= max_loras_per_batch")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}")
+        if not 0 < self.base_port < 65536 - len(self.gpus):
+            raise ValueError(f"base_port {self.base_port} out of range")
+        clash = sorted(set(_LAUNCHER_OWNED) & {a.split("=", 1)[0] for a in self.extra_args})
+        if clash:
+            raise ValueError(
+                f"extra_args may not set {clash}: the launcher owns them (--dp-size breaks LoRA loading)"
+            )
+        if not (self.health_timeout_s > 0 and self.shutdown_timeout_s >= 0):
+            raise ValueError("health_timeout_s must be > 0 and shutdown_timeout_s >= 0")
+
+    def gpu_groups(self) -> list[tuple[str, ...]]:
+        """The device ids of each worker, in order."""
+        return [self.gpus[i : i + self.tp_size] for i in range(0, len(self.gpus), self.tp_size)]
+
+    def urls(self) -> list[str]:
+        """Each worker's base URL."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return [f"http://{host}:{self.base_port + k}" for k in range(len(self.gpu_groups()))]
+
+
+RouterPolicy = Literal["manual", "consistent_hashing", "cache_aware", "round_robin", "random", "power_of_two"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSettings:
+    """SGLang's router (the ``sglang-router`` package) in front of the workers, for generation only:
+    the client sends each episode's affinity key as ``X-SMG-Routing-Key`` and its adapter loads to
+    every worker directly (the router does not forward control calls)."""
+
+    enabled: bool = False
+    """Start the router (``engine.kind`` ``launch``, or ``sglang`` in front of ``engine.sglang.urls``);
+    off: the client balances over the workers itself, with the same episode affinity."""
+    python: str = ""
+    """An interpreter with ``sglang-router`` installed; empty = ``engine.launch.python``."""
+    host: str = "127.0.0.1"
+    """Interface the router listens on."""
+    port: int = 30080
+    """Its port."""
+    policy: RouterPolicy = "manual"
+    """``manual`` pins each routing key to one worker (sticky, also when workers are added);
+    ``consistent_hashing`` needs a newer router than sglang-router 0.3.2."""
+    assignment_mode: Literal["min_load", "min_group", "random"] = "min_load"
+    """Where ``manual`` sends a key it has not seen yet."""
+    metrics_port: int = 29000
+    """The router's Prometheus port (``--prometheus-port``; sglang-router's default): it refuses to
+    start when the port is taken, so two routers on one host need two."""
+    extra_args: tuple[str, ...] = ()
+    """More ``sglang_router.launch_router`` flags."""
+    health_timeout_s: float = 120.0
+    """Longest wait for the router's ``/health``."""
+
+    def __post_init__(self) -> None:
+        if not (0 < self.port < 65536 and 0 < self.metrics_port < 65536):
+            raise ValueError(f"port {self.port} or metrics_port {self.metrics_port} out of range")
+        if not self.health_timeout_s > 0:
+            raise ValueError("health_timeout_s must be > 0")
+

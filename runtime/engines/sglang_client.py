@@ -21,6 +21,12 @@ Aborts: every ``/generate`` carries a fresh ``rid``; when the caller cancels ``g
 dropping a group that aged out), the client sends SGLang's ``POST /abort_request {"rid": ...}`` to
 every replica (an unknown rid is a no-op there), so the server stops decoding for a caller that left.
 
+Behind SGLang's router (``config.router_url``): generation goes to the router, the affinity key in
+the ``X-SMG-Routing-Key`` header (what the router's ``manual`` policy pins a worker by; the body's
+``routing_key`` stays, as the worker's own hint), while control calls (adapter loads and unloads,
+weight updates, cache flushes) go to every worker in ``urls`` directly: the router does not forward
+them. Control calls carry the workers' admin key (SGLang's ``--admin-api-key``) when there is one.
+
 Left out: streaming (the runtime never needs partial outputs), a load balancer of its own beyond
 spreading requests over the URLs it is given (SGLang's router does that at scale).
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import random
 import uuid
 from collections.abc import Sequence
@@ -46,6 +53,10 @@ from envtune.agents.engine import (
 from envtune.runtime.engines.settings import SGLangClientConfig
 
 log = structlog.get_logger(__name__)
+
+ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
+"""The header SGLang's router reads a request's routing key from (its ``manual`` and
+``consistent_hashing`` policies pin a key to one worker)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +105,16 @@ class _Retryable(Exception):
 class SGLangClient:
     """An ``Engine`` and ``WeightSync`` backed by SGLang servers over HTTP."""
 
-    def __init__(self, config: SGLangClientConfig) -> None:
+    def __init__(self, config: SGLangClientConfig, *, admin_api_key: str | None = None) -> None:
+        """``admin_api_key``: the workers' admin key (launched workers); else the one in the
+        environment variable ``config.admin_api_key_env``, if set."""
         if not config.urls:
             raise ValueError("the SGLang client needs at least one URL")
         self.config = config
         self._endpoints = [_Endpoint(url) for url in config.urls]
+        self._router = _Endpoint(config.router_url) if config.router_url else None
+        env_key = os.environ.get(config.admin_api_key_env) if config.admin_api_key_env else None
+        self._admin_api_key = admin_api_key or env_key or None
         self._affinity: collections.OrderedDict[str, _Endpoint] = collections.OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._adapter_versions: dict[str, int] = {}
@@ -113,6 +129,10 @@ class SGLangClient:
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+
+    def _control_headers(self) -> dict[str, str] | None:
+        """The admin key on control calls (it replaces the API key there, as SGLang expects)."""
+        return {"Authorization": f"Bearer {self._admin_api_key}"} if self._admin_api_key else None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -184,11 +204,18 @@ class SGLangClient:
         return fallback
 
     async def _attempt(
-        self, endpoint: _Endpoint, method: str, path: str, body: Any, timeout: aiohttp.ClientTimeout
+        self,
+        endpoint: _Endpoint,
+        method: str,
+        path: str,
+        body: Any,
+        timeout: aiohttp.ClientTimeout,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         session = self._get_session()
+        url = endpoint.url + path
         try:
-            async with session.request(method, endpoint.url + path, json=body, timeout=timeout) as response:
+            async with session.request(method, url, json=body, timeout=timeout, headers=headers) as response:
                 text = await response.text()
                 try:
                     payload: Any = await response.json(content_type=None) if text else None
@@ -215,6 +242,7 @@ class SGLangClient:
         affinity_key: str | None = None,
         endpoint: _Endpoint | None = None,
         timeout_s: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """One call with retries; ``endpoint`` pins it (weight sync goes to every replica)."""
         timeout = aiohttp.ClientTimeout(
@@ -226,7 +254,7 @@ class SGLangClient:
             target = endpoint or self._pick(affinity_key, avoid=failed)
             target.outstanding += 1
             try:
-                payload = await self._attempt(target, method, path, body, timeout)
+                payload = await self._attempt(target, method, path, body, timeout, headers)
             except _Retryable as exc:
                 last_error = str(exc)
                 self._mark_failed(target)
@@ -326,10 +354,14 @@ class SGLangClient:
     async def generate(self, request: GenerateRequest) -> Sequence[Completion]:
         """``request.sampling.n`` completions from one ``/generate`` call (aborted on cancellation)."""
         rid = uuid.uuid4().hex
+        body = self.request_body(request, rid)
         try:
-            payload = await self._call(
-                "/generate", self.request_body(request, rid), affinity_key=request.affinity_key
-            )
+            if self._router is not None:
+                key = request.affinity_key
+                headers = {ROUTING_KEY_HEADER: key} if key is not None else None
+                payload = await self._call("/generate", body, endpoint=self._router, headers=headers)
+            else:
+                payload = await self._call("/generate", body, affinity_key=request.affinity_key)
         except asyncio.CancelledError:
             await self.abort(rid)
             raise
@@ -387,7 +419,12 @@ class SGLangClient:
                 tasks = [
                     group.create_task(
                         self._call(
-                            path, body, method=method, endpoint=ep, timeout_s=self.config.control_timeout_s
+                            path,
+                            body,
+                            method=method,
+                            endpoint=ep,
+                            timeout_s=self.config.control_timeout_s,
+                            headers=self._control_headers(),
                         )
                     )
                     for ep in self._endpoints

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from envtune.runtime.engines.settings import RouterSettings, SGLangLaunchSettings
 
 log = structlog.get_logger(__name__)
 
@@ -66,104 +67,83 @@ class WorkerDied(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class SGLangLaunchConfig:
-    """How to start the SGLang workers of one host (the run config's ``engine.launch`` section)."""
+    """One launch: the run config's ``engine.launch`` section plus what the run decides."""
 
-    python: str
-    """The interpreter of SGLang's environment, e.g. ``.venv-sglang/bin/python``."""
+    settings: SGLangLaunchSettings
+    """The user's knobs (interpreter, GPUs, ports, LoRA slots, memory, timeouts)."""
     model_path: str
     """The base model folder, as the learner loads it."""
     lora_rank: int
     """``--max-lora-rank``: the learner's LoRA rank."""
     lora_target_modules: tuple[str, ...]
     """``--lora-target-modules``: the learner's LoRA targets."""
-    gpus: tuple[str, ...] = ("0",)
-    """CUDA device ids to serve on; split into groups of ``tp_size``, one worker per group."""
-    tp_size: int = 1
-    """GPUs per worker (SGLang's ``--tp-size``)."""
-    host: str = "127.0.0.1"
-    """Interface the workers listen on (0.0.0.0 when the learner runs on another host)."""
-    base_port: int = 30000
-    """Worker k listens on ``base_port + k``."""
-    max_loras_per_batch: int = 4
-    """``--max-loras-per-batch``: adapters in one running batch. Staleness-bounded training keeps a
-    few policy versions in flight at once; base-model requests count as one."""
-    max_loaded_loras: int | None = None
-    """``--max-loaded-loras`` (None: SGLang's default)."""
-    mem_fraction_static: float | None = None
-    """``--mem-fraction-static`` (None: SGLang's default; lower it when the learner shares the GPU)."""
     admin_api_key: str | None = field(default=None, repr=False)
     """The key for control endpoints; None generates one per launch (``SGLangWorkers.admin_api_key``)."""
-    extra_args: tuple[str, ...] = ()
-    """More ``launch_server`` flags, appended last."""
     entry: tuple[str, ...] = ("-m", "sglang.launch_server")
     """What the interpreter runs (tests substitute a stand-in worker script)."""
     log_dir: str = "."
     """Where ``sglang-worker-{k}.log`` files go (the run folder)."""
-    health_timeout_s: float = 1200.0
-    """Longest wait for every worker's ``/health`` (a 7B model with CUDA graphs takes minutes)."""
-    shutdown_timeout_s: float = 60.0
-    """Grace period between SIGTERM and SIGKILL."""
 
     def __post_init__(self) -> None:
-        if self.tp_size < 1 or not self.gpus or len(self.gpus) % self.tp_size:
-            raise ValueError(
-                f"{len(self.gpus)} GPU(s) do not split into tensor-parallel groups of {self.tp_size}"
-            )
-        if len(set(self.gpus)) != len(self.gpus):
-            raise ValueError(f"GPU ids repeat: {self.gpus}")
         if self.lora_rank < 1 or not self.lora_target_modules:
             raise ValueError("lora_rank must be >= 1 and lora_target_modules non-empty")
-        if self.max_loras_per_batch < 1:
-            raise ValueError("max_loras_per_batch must be >= 1")
-        if not 0 < self.base_port < 65536 - len(self.gpus):
-            raise ValueError(f"base_port {self.base_port} out of range")
-        reserved = {"--admin-api-key", "--api-key", "--port", "--host", "--dp-size", "--dp", "--config"}
-        clash = sorted(reserved & {a.split("=", 1)[0] for a in self.extra_args})
-        if clash:
-            raise ValueError(
-                f"extra_args may not set {clash}: the launcher owns them (--dp-size breaks LoRA loading)"
-            )
 
     def gpu_groups(self) -> list[tuple[str, ...]]:
         """The device ids of each worker, in order."""
-        return [self.gpus[i : i + self.tp_size] for i in range(0, len(self.gpus), self.tp_size)]
+        return self.settings.gpu_groups()
 
     def urls(self) -> list[str]:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return [f"http://{host}:{self.base_port + k}" for k in range(len(self.gpu_groups()))]
+        return self.settings.urls()
 
 
 def worker_command(config: SGLangLaunchConfig, index: int, config_file: str) -> list[str]:
     """The argv of worker ``index`` (its environment sets ``CUDA_VISIBLE_DEVICES``)."""
+    knobs = config.settings
     command = [
-        config.python,
+        knobs.python,
         *config.entry,
         "--model-path",
         config.model_path,
         "--host",
-        config.host,
+        knobs.host,
         "--port",
-        str(config.base_port + index),
+        str(knobs.base_port + index),
         "--tp-size",
-        str(config.tp_size),
+        str(knobs.tp_size),
         "--enable-lora",
         "--max-lora-rank",
         str(config.lora_rank),
         "--lora-target-modules",
         *config.lora_target_modules,
         "--max-loras-per-batch",
-        str(config.max_loras_per_batch),
+        str(knobs.max_loras_per_batch),
     ]
-    if config.max_loaded_loras is not None:
-        command += ["--max-loaded-loras", str(config.max_loaded_loras)]
-    if config.mem_fraction_static is not None:
-        command += ["--mem-fraction-static", str(config.mem_fraction_static)]
-    return [*command, "--config", config_file, *config.extra_args]
+    if knobs.max_loaded_loras is not None:
+        command += ["--max-loaded-loras", str(knobs.max_loaded_loras)]
+    if knobs.mem_fraction_static is not None:
+        command += ["--mem-fraction-static", str(knobs.mem_fraction_static)]
+    return [*command, "--config", config_file, *knobs.extra_args]
+
+
+_NOT_INHERITED = frozenset(
+    {
+        # envtune's virtualenv must not leak into SGLang's.
+        "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME",
+        # torchrun's job (rank 0 of a sharded learner launches the workers): SGLang sets up its own
+        # torch.distributed for tensor parallelism, and torchrun's one-thread OpenMP default is not its.
+        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+        "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+    }
+)  # fmt: skip
+
+
+def _inherited(base: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in base.items() if k not in _NOT_INHERITED and not k.startswith("TORCHELASTIC_")}
 
 
 def worker_environment(config: SGLangLaunchConfig, index: int, base: Mapping[str, str]) -> dict[str, str]:
-    """``base`` with this worker's GPUs and without envtune's virtualenv leaking into SGLang's."""
-    env = {k: v for k, v in base.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    """``base`` with this worker's GPUs, without envtune's virtualenv or torchrun's job variables."""
+    env = _inherited(base)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(config.gpu_groups()[index])
     return env
 
@@ -289,8 +269,9 @@ class SGLangWorkers:
     async def start(self) -> list[str]:
         """Start every worker and wait until all are healthy; on failure, stop them all and raise."""
         cfg = self.config
+        knobs = cfg.settings
         urls = cfg.urls()
-        taken = [u for k, u in enumerate(urls) if not _port_free(cfg.host, cfg.base_port + k)]
+        taken = [u for k, u in enumerate(urls) if not _port_free(knobs.host, knobs.base_port + k)]
         if taken:
             raise LaunchError(f"ports already in use: {', '.join(taken)} (another server? change base_port)")
         log_dir = Path(cfg.log_dir)
@@ -311,7 +292,7 @@ class SGLangWorkers:
                         log_dir / f"sglang-worker-{k}.log",
                     )
                 )
-            await _wait_healthy(self._processes, cfg.health_timeout_s)
+            await _wait_healthy(self._processes, knobs.health_timeout_s)
         except BaseException:
             await self.close()
             raise
@@ -332,7 +313,7 @@ class SGLangWorkers:
     async def close(self) -> None:
         """Stop every worker (SIGTERM, grace period, SIGKILL). Idempotent."""
         processes, self._processes = self._processes, []
-        await _terminate(processes, self.config.shutdown_timeout_s)
+        await _terminate(processes, self.config.settings.shutdown_timeout_s)
         if self._secrets_dir is not None:
             self._secrets_dir.cleanup()
             self._secrets_dir = None
@@ -350,47 +331,41 @@ class SGLangWorkers:
 
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
-    """SGLang's router in front of the workers (the run config's ``engine.router`` section)."""
+    """One router launch: the run config's ``engine.router`` section plus what the run decides."""
 
+    settings: RouterSettings
+    """The user's knobs (port, policy, ...)."""
     python: str
     """An interpreter with ``sglang-router`` installed (``.venv-sglang/bin/python``)."""
     worker_urls: tuple[str, ...]
     """The workers behind it."""
-    host: str = "127.0.0.1"
-    port: int = 30080
-    policy: str = "manual"
-    """``manual`` pins each ``X-SMG-Routing-Key`` to one worker (sticky, survives added workers);
-    requests without the header are spread (``assignment_mode``)."""
-    assignment_mode: str = "min_load"
-    """Where ``manual`` sends a key it has not seen: ``min_load`` | ``min_group`` | ``random``."""
-    extra_args: tuple[str, ...] = ()
     log_dir: str = "."
-    health_timeout_s: float = 120.0
     shutdown_timeout_s: float = 20.0
 
     def __post_init__(self) -> None:
         if not self.worker_urls:
             raise ValueError("the router needs at least one worker URL")
-        if self.policy not in ("manual", "cache_aware", "round_robin", "random", "power_of_two"):
-            raise ValueError(f"unknown router policy {self.policy!r}")
 
 
 def router_command(config: RouterConfig) -> list[str]:
+    knobs = config.settings
     return [
         config.python,
         "-m",
         "sglang_router.launch_router",
         "--host",
-        config.host,
+        knobs.host,
         "--port",
-        str(config.port),
+        str(knobs.port),
         "--policy",
-        config.policy,
+        knobs.policy,
         "--assignment-mode",
-        config.assignment_mode,
+        knobs.assignment_mode,
+        "--prometheus-port",
+        str(knobs.metrics_port),
         "--worker-urls",
         *config.worker_urls,
-        *config.extra_args,
+        *knobs.extra_args,
     ]
 
 
@@ -403,20 +378,21 @@ class SGLangRouter:
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
-        return f"http://{host}:{self.config.port}"
+        knobs = self.config.settings
+        host = "127.0.0.1" if knobs.host in ("0.0.0.0", "") else knobs.host
+        return f"http://{host}:{knobs.port}"
 
     async def start(self) -> str:
         cfg = self.config
-        if not _port_free(cfg.host, cfg.port):
-            raise LaunchError(f"port {cfg.port} already in use")
+        if not _port_free(cfg.settings.host, cfg.settings.port):
+            raise LaunchError(f"port {cfg.settings.port} already in use")
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+        env = _inherited(os.environ)
         self._process = _spawn(
             "sglang-router", self.url, router_command(cfg), env, Path(cfg.log_dir) / "sglang-router.log"
         )
         try:
-            await _wait_healthy([self._process], cfg.health_timeout_s)
+            await _wait_healthy([self._process], cfg.settings.health_timeout_s)
         except BaseException:
             await self.close()
             raise

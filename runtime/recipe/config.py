@@ -30,7 +30,12 @@ from envtune.environments.episode import EVAL_MAX_STEPS_PER_TURN, EpisodeConfig
 from envtune.environments.tasks import CATEGORIES
 from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
 from envtune.optim.config import LearnerConfig
-from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
+from envtune.runtime.engines.settings import (
+    EmbeddedEngineConfig,
+    RouterSettings,
+    SGLangClientConfig,
+    SGLangLaunchSettings,
+)
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config_io import ConfigError as ConfigError
 from envtune.runtime.rollout import RolloutConfig
@@ -58,31 +63,22 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class LaunchConfig:
-    """An SGLang server started by envtune (``engine.kind = "launch"``)."""
-
-    port: int = 30000
-    """Port of the launched server."""
-    extra_args: tuple[str, ...] = ()
-    """Extra ``sglang.launch_server`` arguments, e.g. ``["--tp-size", "2"]``."""
-    timeout_s: float = 900.0
-    """How long to wait for the launched server to report healthy."""
-
-
-@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Where tokens are sampled."""
 
     kind: Literal["embedded", "sglang", "launch"] = "embedded"
     """``embedded``: the in-process engine behind envtune's SGLang-protocol server on 127.0.0.1
     (the client talks to it over real HTTP); ``sglang``: running SGLang servers at
-    ``engine.sglang.urls``; ``launch``: start one with ``python -m sglang.launch_server``."""
+    ``engine.sglang.urls``; ``launch``: start SGLang workers here, one per GPU or tensor-parallel
+    group (``engine.launch``)."""
     embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
     """The embedded engine (kind ``embedded``)."""
     sglang: SGLangClientConfig = field(default_factory=SGLangClientConfig)
     """The SGLang client (every kind talks through it; ``urls`` is set for kind ``sglang``)."""
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
-    """The launched server (kind ``launch``)."""
+    launch: SGLangLaunchSettings = field(default_factory=SGLangLaunchSettings)
+    """The launched workers (kind ``launch``)."""
+    router: RouterSettings = field(default_factory=RouterSettings)
+    """SGLang's router in front of the workers (kinds ``launch`` and ``sglang``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +373,12 @@ def _validate_engine(model: ModelConfig, engine: EngineConfig) -> None:
         raise ConfigError("engine.kind = 'sglang' needs engine.sglang.urls")
     if engine.kind != "embedded" and not model.path:
         raise ConfigError(f"engine.kind = {engine.kind!r} needs model.path")
+    if engine.router.enabled and engine.kind == "embedded":
+        raise ConfigError("engine.router.enabled needs engine.kind = 'launch' or 'sglang' (SGLang workers)")
+    if engine.router.enabled and engine.sglang.router_url:
+        raise ConfigError(
+            "engine.router.enabled starts a router and engine.sglang.router_url names one: pick one"
+        )
 
 
 def _validate_run(config: Config) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 import torch
 from envtune.agents.trajectory import Trajectory
-from envtune.optim.learner import Learner
+from envtune.optim.learner import PolicyLearner
 from envtune.runtime.actors import Actor, MailboxClosed
 from envtune.runtime.metrics import RateMeter
 from envtune.runtime.recipe.config import RunConfig
@@ -53,7 +53,7 @@ class LearnerActor(Actor[TrajectoryGroup]):
 
     def __init__(
         self,
-        learner: Learner,
+        learner: PolicyLearner,
         scheduler: CurriculumScheduler,
         publisher: AdapterPublisher,
         folder: RunFolder,
@@ -278,7 +278,7 @@ class LearnerActor(Actor[TrajectoryGroup]):
 
 
 def restore(
-    learner: Learner, scheduler: CurriculumScheduler, checkpoint_path: Path, state: Mapping[str, Any]
+    learner: PolicyLearner, scheduler: CurriculumScheduler, checkpoint_path: Path, state: Mapping[str, Any]
 ) -> None:
     """Load a checkpoint's learner and curriculum state (the adapter is published by the caller)."""
     learner_state = torch.load(checkpoint_path / LEARNER_STATE_FILE, map_location="cpu", weights_only=True)

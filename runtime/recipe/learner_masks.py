@@ -14,6 +14,8 @@ Left out: the replay itself (``mask_replay``), the learner's masked logprobs (``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from envtune.agents.engine import Constraint
@@ -69,6 +71,19 @@ class BatchMasks:
         """Masks as an engine serving ``model`` with ``tokenizer`` builds them (vocabulary = the
         model's logits width, stop ids = its EOS ids)."""
         return cls(MaskReplayer(tokenizer, int(model.config.vocab_size), eos_token_ids(model, tokenizer)))
+
+    @classmethod
+    def for_model_path(cls, path: Path, tokenizer: Any) -> BatchMasks:
+        """``for_model`` from the model's folder, without loading its weights (the learner may be
+        sharded over ranks, or not built here)."""
+        from transformers import AutoConfig, GenerationConfig
+
+        config = AutoConfig.from_pretrained(path)
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: what from_pretrained derives from the config
+            generation = GenerationConfig.from_model_config(config)
+        return cls.for_model(SimpleNamespace(config=config, generation_config=generation), tokenizer)
 
     def source(self, trajectories: Sequence[Trajectory]) -> Any:
         """The ``token_masks`` callable of this batch (masks replayed when the learner asks, one

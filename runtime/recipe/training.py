@@ -38,7 +38,7 @@ from envtune.runtime.watchdog import NoProgressError, ProgressWatchdog
 from envtune.runtime.weight_sync import AdapterPublisher
 
 if TYPE_CHECKING:
-    from envtune.optim.learner import Learner
+    from envtune.optim.learner import Learner, PolicyLearner
 
 log = structlog.get_logger(__name__)
 
@@ -46,17 +46,6 @@ METRICS_INTERVAL_S = 30.0
 """Period of the runtime's own metrics records in ``metrics.jsonl``."""
 LEARNER_STOP_TIMEOUT_S = 3600.0
 """The learner may be mid-step (minutes on a GPU) when asked to stop: it gets this long to finish."""
-
-
-def load_policy_model(path: Path) -> Any:
-    """The policy model for the learner: bf16 on a GPU, fp32 on the CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if torch.cuda.is_available():
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-        return model.to("cuda")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 async def train(
@@ -71,16 +60,19 @@ async def train(
     on_step: Callable[[Mapping[str, Any]], None] | None = None,
     env: EpisodeSource | None = None,
     scheduler: CurriculumScheduler | None = None,
+    learner: PolicyLearner | None = None,
     wrap_learner: Callable[[Learner], Learner] | None = None,
 ) -> int:
     """Run the curriculum into ``folder`` until it ends, the step budget ends or ``stop`` is set.
 
     ``engine`` samples the episodes, ``weight_sync`` receives every published adapter (usually the
-    same SGLang client). Returns the number of learner steps completed (including those before a
-    resume). ``env``, ``scheduler`` and ``wrap_learner`` replace parts for tests and benchmarks (a
-    toy environment and its curriculum, a control arm's learner); a run leaves them None.
+    same SGLang client). ``learner``: the one to train (the sharded learner of a ``torchrun`` job,
+    built before the engines opened); None builds the single-process one here. Returns the number
+    of learner steps completed (including those before a resume). ``env``, ``scheduler`` and
+    ``wrap_learner`` replace parts for tests and benchmarks (a toy environment and its curriculum,
+    a control arm's learner); a run leaves them None.
     """
-    from envtune.optim.learner import Learner
+    from envtune.runtime.recipe.learner_setup import build_learner
     from transformers import AutoTokenizer
 
     stop = stop or asyncio.Event()
@@ -89,18 +81,17 @@ async def train(
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_path)
     chat = ChatTokenizer(tokenizer)
     bfcl = BfclEnvironment()
-    model = await asyncio.to_thread(load_policy_model, model_path)
-    # The learner divides logits by the rollout temperature to match the behaviour logprobs.
-    learner = Learner(model, config.learner, temperature=config.sampling.temperature)
-    if wrap_learner is not None:
-        learner = wrap_learner(learner)
+    if learner is None:
+        learner = await asyncio.to_thread(build_learner, config, model_path)
+        if wrap_learner is not None:
+            learner = wrap_learner(learner)
     masks = None
     if any(stage.constrained for stage in config.curriculum.stages):
         from envtune.runtime.recipe.learner_masks import BatchMasks
 
         # Constrained stages train the constrained policy (learner_masks = "replay"): the learner
         # replays each reply's grammar masks, so its logprobs are the engine's behaviour logprobs.
-        masks = await asyncio.to_thread(BatchMasks.for_model, model, tokenizer)
+        masks = await asyncio.to_thread(BatchMasks.for_model_path, model_path, tokenizer)
     start_step = 0
     if checkpoint is not None:
         await asyncio.to_thread(restore, learner, scheduler, checkpoint.path, checkpoint.state)
