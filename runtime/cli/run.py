@@ -6,8 +6,9 @@
     envtune-run --model /models/Qwen2.5-7B-Instruct --launch-sglang
     envtune-run --resume [RUN_DIR]                # the last complete checkpoint of a run
 
-Which config: a TOML file when given; else the paper preset when a real model is named
-(``--model``/``--sglang``/``--launch-sglang``); else the CPU preset. ``--set`` overrides go last.
+Which config: a TOML file is laid over a preset: the paper preset (the dataclass defaults) unless
+``--preset cpu`` names the CPU one. Without a TOML file: the paper preset when a real model is named
+(``--model``/``--sglang``/``--launch-sglang``), else the CPU preset. ``--set`` overrides go last.
 
 What it does: resolve the config, create (or reopen) the run folder, open the engine stack
 (``engine_stack.py``), run ``recipe.training.train`` under signal handlers, write the report.
@@ -15,22 +16,23 @@ What it does: resolve the config, create (or reopen) the run folder, open the en
 Stopping: Ctrl-C (SIGINT) or SIGTERM ends the run cleanly: no new work, in-flight episodes are
 cancelled, a checkpoint of the last completed step is written, and the report is produced; a
 second Ctrl-C aborts at once. The run folder's path is the last line written to stdout; logs and
-the progress line go to stderr.
+the progress display go to stderr (short lines, rounded numbers; ``-v``/``-q`` for more or less),
+every log event in full to ``log.jsonl`` in the run folder, metrics to ``metrics.jsonl`` and the
+configured sinks (TensorBoard by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
-from envtune.runtime.logs import configure_logging
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import (
     CPU_PRESET,
@@ -40,47 +42,20 @@ from envtune.runtime.recipe.config import (
     dump_config,
     load_config,
 )
+from envtune.runtime.recipe.progress import (
+    RunProgress,
+    add_verbosity_arguments,
+    adopt_library_loggers,
+    configure_logging,
+    console_level,
+)
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder, RunFolderError
+from envtune.runtime.recipe.sinks import MetricSinks, SinkUnavailable, open_run_sinks
 
 log = structlog.get_logger(__name__)
 
-
-# --- progress -------------------------------------------------------------------------------------------
-
-
-class ProgressLine:
-    """A one-line progress display on stderr (rewritten in place on a terminal, a line per step otherwise)."""
-
-    def __init__(self, total_steps: int, num_stages: int, enabled: bool) -> None:
-        self.total = total_steps
-        self.num_stages = num_stages
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.started = time.monotonic()
-
-    def update(self, record: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        step = int(record["step"])
-        width = 24
-        filled = min(width, int(width * step / self.total)) if self.total else 0
-        bar = "#" * filled + "." * (width - filled)
-        of = f"/{self.total}" if self.total else ""
-        reward = record.get("train/reward", record.get("learner/reward_mean"))
-        reward_text = f"{reward:.3f}" if isinstance(reward, float) else "-"
-        elapsed = time.monotonic() - self.started
-        text = (
-            f"[{bar}] step {step}{of} | stage {record['stage']}/{self.num_stages} {record['stage_name']} | "
-            f"reward {reward_text} | {record.get('rollout/episodes_per_s', 0.0):.2f} ep/s | "
-            f"{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}"
-        )
-        sys.stderr.write(("\r" + text) if self.tty else (text + "\n"))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+LOG_FILE = "log.jsonl"
+"""Every log event of the run, values in full, one JSON object per line (``logging.json_log``)."""
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -95,7 +70,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "checkpoint; --resume continues from it.",
     )
     parser.add_argument(
-        "config", nargs="?", help="TOML config (default: CPU preset, or the paper preset with --model)"
+        "config",
+        nargs="?",
+        help="TOML config, laid over the --preset (default: the CPU preset; with --model, the paper preset)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["paper", "cpu"],
+        help="the preset a TOML file is laid over (default: paper) or, alone, the config to run",
     )
     parser.add_argument(
         "--set",
@@ -129,6 +111,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--list-keys", action="store_true", help="list every config key with its type and meaning"
     )
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -148,7 +131,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunFolder | None, 
     if args.log_format:
         overrides.append(f"logging.format={args.log_format}")
     if args.resume is not None:
-        if args.config:
+        if args.config or args.preset:
             raise ConfigError("--resume uses the run's own config.toml; pass changes with --set")
         out_dir = Path(args.out or load_config(CPU_PRESET).run.out_dir)
         path = Path(args.resume) if args.resume else RunFolder.latest_run(out_dir)
@@ -159,14 +142,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunFolder | None, 
         if checkpoint is None:
             raise RunFolderError(f"--resume: {path} has no complete checkpoint")
         return load_config(folder.config_path, overrides), folder, checkpoint
-    if args.config:
-        path = Path(args.config)
-    elif args.model or args.sglang or args.launch_sglang:
-        path = PAPER_PRESET
+    if args.preset:
+        preset = CPU_PRESET if args.preset == "cpu" else PAPER_PRESET
+    elif args.config or args.model or args.sglang or args.launch_sglang:
+        preset = PAPER_PRESET
     else:
-        path = CPU_PRESET
-    config_io.read_toml(path)  # a clear error for a missing or broken file before anything else
-    return load_config(path, overrides), None, None
+        preset = CPU_PRESET
+    layers = [preset, Path(args.config)] if args.config else [preset]
+    for path in layers:
+        config_io.read_toml(path)  # a clear error for a missing or broken file before anything else
+    return config_io.load_layers(Config, layers, overrides), None, None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -184,19 +169,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return
-    configure_logging(config.logging.format, config.logging.level)
+    quiet_libraries()
+    level = config.logging.level
+    if args.verbose or args.quiet:
+        level = console_level(verbose=args.verbose, quiet=args.quiet)
+    console = configure_logging(level, fmt=config.logging.format)
     if folder is None:
         folder = RunFolder.create(Path(config.run.out_dir), config.run.name)
     else:
         assert checkpoint is not None
         folder.truncate_after(checkpoint.step)
+    if config.logging.json_log:
+        configure_logging(level, folder.path / LOG_FILE, console=console, fmt=config.logging.format)
     folder.write_config(dump_config(config))
+    try:
+        sinks = open_run_sinks(folder.path, config.metrics, config_io.to_dict(config))
+    except (SinkUnavailable, ValueError) as exc:
+        parser.exit(2, f"envtune-run: error: {exc}\n")
     log.info("run_started", folder=str(folder.path), resume_step=checkpoint.step if checkpoint else None)
-    progress = ProgressLine(
-        config.derived.total_step_budget, config.derived.num_stages, config.run.progress_bar
-    )
-    steps = asyncio.run(_main_async(config, folder, checkpoint, progress))
-    progress.close()
+    try:
+        with RunProgress(
+            config.derived.total_step_budget,
+            config.derived.num_stages,
+            console=console,
+            enabled=config.run.progress_bar,
+            start_step=checkpoint.step if checkpoint else 0,
+        ) as progress:
+            steps = asyncio.run(_main_async(config, folder, checkpoint, sinks, progress.update))
+    finally:
+        sinks.close()
     from envtune.runtime.recipe.report import write_report
 
     report = write_report(folder)
@@ -205,8 +206,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.stdout.flush()
 
 
+def quiet_libraries() -> None:
+    """Hugging Face's download/loading progress bars off (the run has one display); set before
+    transformers is imported, which reads it once."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 async def _main_async(
-    config: Config, folder: RunFolder, checkpoint: Checkpoint | None, progress: ProgressLine
+    config: Config,
+    folder: RunFolder,
+    checkpoint: Checkpoint | None,
+    sinks: MetricSinks,
+    on_step: Callable[[Mapping[str, Any]], None],
 ) -> int:
     from envtune.runtime.cli.engine_stack import open_engines
     from envtune.runtime.recipe.training import train
@@ -229,6 +240,7 @@ async def _main_async(
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         async with open_engines(config.model, config.engine, config.learner.lora) as engines:
+            adopt_library_loggers()  # transformers is loaded now: its lines get the run's format
             log.info("engines_ready", engines=engines.description, model=str(engines.model_path))
             return await train(
                 config,
@@ -238,7 +250,8 @@ async def _main_async(
                 engines.model_path,
                 checkpoint=checkpoint,
                 stop=stop,
-                on_step=progress.update,
+                on_step=on_step,
+                sinks=sinks,
             )
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

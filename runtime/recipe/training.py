@@ -11,7 +11,8 @@ Left out: opening the engines and the process around the run (``envtune.runtime.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,14 @@ from envtune.agents.engine import Engine, WeightSync
 from envtune.agents.grammar import ConstraintCache, GrammarOptions
 from envtune.environments.episode import BfclEnvironment
 from envtune.runtime.metrics import MetricsRecorder
+from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import Config
 from envtune.runtime.recipe.curriculum import CurriculumScheduler
 from envtune.runtime.recipe.episodes import CurriculumEpisodes, CurriculumTaskSource, make_validator
 from envtune.runtime.recipe.learner_actor import LearnerActor, restore
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder
+from envtune.runtime.recipe.sinks import MetricSinks, open_run_sinks
+from envtune.runtime.recipe.trajectory_log import SampleMode, TrajectoryLog
 from envtune.runtime.rollout import RolloutActor
 from envtune.runtime.supervisor import Supervisor
 from envtune.runtime.weight_sync import AdapterPublisher
@@ -36,6 +40,19 @@ METRICS_INTERVAL_S = 30.0
 """Period of the runtime's own metrics records in ``metrics.jsonl``."""
 LEARNER_STOP_TIMEOUT_S = 3600.0
 """The learner may be mid-step (minutes on a GPU) when asked to stop: it gets this long to finish."""
+
+
+@contextlib.contextmanager
+def _own_sinks(config: Config, folder: RunFolder, sinks: MetricSinks | None) -> Iterator[MetricSinks]:
+    """The caller's sinks as they are, or the config's, opened here and closed on the way out."""
+    if sinks is not None:
+        yield sinks
+        return
+    own = open_run_sinks(folder.path, config.metrics, config_io.to_dict(config))
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def load_policy_model(path: Path) -> Any:
@@ -59,13 +76,32 @@ async def train(
     checkpoint: Checkpoint | None = None,
     stop: asyncio.Event | None = None,
     on_step: Callable[[Mapping[str, Any]], None] | None = None,
+    sinks: MetricSinks | None = None,
 ) -> int:
     """Run the curriculum into ``folder`` until it ends, the step budget ends or ``stop`` is set.
 
     ``engine`` samples the episodes, ``weight_sync`` receives every published adapter (usually the
-    same SGLang client). Returns the number of learner steps completed (including those before a
-    resume).
+    same SGLang client). ``sinks`` receive the metrics (the caller keeps them open and closes them);
+    when None the config's sinks are opened and closed here. Returns the number of learner steps
+    completed (including those before a resume).
     """
+    with _own_sinks(config, folder, sinks) as run_sinks:
+        return await _train(
+            config, folder, engine, weight_sync, model_path, checkpoint, stop, on_step, run_sinks
+        )
+
+
+async def _train(
+    config: Config,
+    folder: RunFolder,
+    engine: Engine,
+    weight_sync: WeightSync,
+    model_path: Path,
+    checkpoint: Checkpoint | None,
+    stop: asyncio.Event | None,
+    on_step: Callable[[Mapping[str, Any]], None] | None,
+    sinks: MetricSinks,
+) -> int:
     from envtune.optim.learner import Learner
     from transformers import AutoTokenizer
 
@@ -88,6 +124,12 @@ async def train(
     think = config.sampling.max_think_chars
     constraints = ConstraintCache(options=GrammarOptions(max_think_chars=think or None))
     concurrency = config.rollout.max_concurrent_episodes
+    sampling = config.run.trajectories
+    trajectory_log = (
+        TrajectoryLog(folder.trajectories_path, sampling, seed=config.run.seed)
+        if sampling.mode is not SampleMode.NONE
+        else None
+    )
     learner_actor = LearnerActor(
         learner,
         scheduler,
@@ -95,7 +137,9 @@ async def train(
         folder,
         config.rollout,
         config.run,
-        decode=lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=False)),
+        sinks=sinks,
+        trajectory_log=trajectory_log,
+        category_of=lambda task_id: env.tasks[task_id].category,
         validate=make_validator(
             scheduler,
             engine,
@@ -125,7 +169,7 @@ async def train(
         rollout,
         queue=learner_actor.mailbox.statistics,
         interval_s=METRICS_INTERVAL_S,
-        on_record=lambda r: folder.append_metrics(
+        on_record=lambda r: sinks.write_event(
             {"event": "runtime", "step": learner_actor.step, **r.as_dict()}
         ),
     )
