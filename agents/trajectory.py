@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 from envtune.environments.types import Message, StepResult
 
-CALL_FIELDS = ("name", "arguments", "executed", "ok", "result", "hint")
+CALL_FIELDS = ("name", "arguments", "executed", "ok", "result", "hint", "fault")
 """The order of a logged call's fields in ``Reply.calls``."""
 
-LoggedCall = tuple[str, str, bool, bool, str, str | None]
+LoggedCall = tuple[str, str, bool, bool, str, str | None, str | None]
 """One call as the environment saw and ran it: name, arguments (JSON text), executed (a method
 ran), ok (it ran without error), result (BFCL's string form, or the refusal), hint (the actionable
-hint in augmented mode, else None)."""
+hint in augmented mode, else None), fault (a ``ToolFault`` value when the environment rather than
+BFCL's class shaped the result: raised, limit, time_limit..., else None)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class Reply:
                 outcome.ok,
                 outcome.result,
                 outcome.hint,
+                outcome.fault.value if outcome.fault is not None else None,
             )
             for outcome in result.calls
         )

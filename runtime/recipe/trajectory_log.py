@@ -60,7 +60,8 @@ FIELDS: Mapping[str, str] = {
     "text}}`; null for answers and format errors) and step_code the environment's verdict on it; "
     "other roles have null tool_calls and step_code. The system message (the tool listing) is left "
     "out when `run.trajectories.include_system = false`",
-    "tool_calls": "every call, flat: `{turn, step, name, arguments (JSON text), executed, ok, result, hint}`",
+    "tool_calls": "every call, flat: `{turn, step, name, arguments (JSON text), executed, ok, result, hint, "
+    "fault}` (fault: why the environment shaped the result, e.g. `limit`, `time_limit`; else null)",
 }
 """Every field of a record and its meaning (the README's table is checked against this)."""
 
