@@ -75,7 +75,6 @@ async def serve(config: ServeConfig, stop: asyncio.Event) -> None:
     from envtune.runtime.engines.embedded import EmbeddedEngine
     from envtune.runtime.engines.openai_api import OpenAIServingConfig, add_openai_routes
     from envtune.runtime.engines.sglang_server import SGLangProtocolServer
-    from transformers import AutoTokenizer
 
     model_path = await resolve_model_path(config.model)
     engine = await EmbeddedEngine.open(model_path, config.engine)
@@ -87,12 +86,12 @@ async def serve(config: ServeConfig, stop: asyncio.Event) -> None:
         api_key = os.environ.get(config.server.api_key_env) or None
         name = served_model_name(config)
         server = SGLangProtocolServer(engine, api_key=api_key, served_model_name=name)
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_path)
-        # Before start(): aiohttp freezes an application's routes when it starts serving.
+        # Before start(): aiohttp freezes an application's routes when it starts serving. The engine's
+        # own tokenizer renders the chat template, so prompts are the ids the engine expects.
         add_openai_routes(
             server.app,
             engine,
-            tokenizer,
+            engine.tokenizer,
             served_model_name=name,
             config=OpenAIServingConfig(served_model_name=name, api_key=api_key),
         )
