@@ -5,7 +5,8 @@ the prompt is rendered once; each reply is kept exactly as the engine sampled it
 logprobs, the policy version that sampled it, loss mask on); the reply's text goes to
 ``episode.step``; the environment's messages are tokenized alone and appended (loss mask off). The
 environment decides turn ends, the per-turn step limit, revealed functions and scores; this loop
-only stops early at the length caps of ``SamplingConfig`` (marked truncated).
+only stops early at the length caps of ``SamplingConfig`` (marked truncated). The trajectory carries
+the ``Transcript`` too: the opening messages and each reply's text with the environment's result.
 
 ``run_episode_sync`` is the reference loop: the same episode, written top to bottom against a plain
 ``generate`` function. Tests check that both produce the same trajectory.
@@ -33,7 +34,7 @@ from envtune.agents.engine import (
     SamplingParams,
 )
 from envtune.agents.grammar import ConstraintCache
-from envtune.agents.trajectory import ConstraintSpan, Trajectory
+from envtune.agents.trajectory import ConstraintSpan, Reply, Trajectory, Transcript
 from envtune.environments.types import EpisodeScore, FunctionDoc, Message, StepResult
 
 log = structlog.get_logger(__name__)
@@ -126,6 +127,7 @@ def build_trajectory(
     start_version: int,
     truncated: bool,
     constraint_spans: Sequence[ConstraintSpan] = (),
+    transcript: Transcript | None = None,
 ) -> Trajectory:
     """The finished record, rewards taken from the environment's score."""
     return Trajectory(
@@ -145,6 +147,7 @@ def build_trajectory(
         start_version=start_version,
         truncated=truncated,
         constraint_spans=tuple(constraint_spans),
+        transcript=transcript,
     )
 
 
@@ -166,7 +169,9 @@ async def run_episode(
     ``affinity_key`` defaults to ``group_id`` (a group shares its prompt, so one replica's prefix cache
     serves it). ``constraints`` is a cache shared across episodes; a private one is used when None.
     """
-    buffer = _TokenBuffer(chat.render_prompt(episode.start()))
+    opening = episode.start()
+    buffer = _TokenBuffer(chat.render_prompt(opening))
+    replies: list[Reply] = []
     cache = constraints if constraints is not None else ConstraintCache(max_entries=4)
     constraint: Constraint | None = cache.get(episode.visible_tools()) if config.constrained else None
     key = affinity_key if affinity_key is not None else group_id
@@ -184,7 +189,9 @@ async def run_episode(
         completion = single_completion(await engine.generate(request))
         buffer.add_sampled(completion, constraint)
         stopped = completion.finish_reason is FinishReason.STOP
-        result = episode.step(chat.decode_reply(completion.token_ids, stopped=stopped))
+        text = chat.decode_reply(completion.token_ids, stopped=stopped)
+        result = episode.step(text)
+        replies.append(Reply.of(text, result))
         if result.done:
             truncated = False
             break
@@ -218,6 +225,7 @@ async def run_episode(
         start_version=start_version,
         truncated=truncated,
         constraint_spans=buffer.spans,
+        transcript=Transcript.of(opening, tuple(replies)),
     )
 
 
@@ -233,7 +241,9 @@ def run_episode_sync(
     start_version: int = 0,
 ) -> Trajectory:
     """The reference loop: what ``run_episode`` does, top to bottom, with a blocking ``generate``."""
-    ids = chat.render_prompt(episode.start())
+    opening = episode.start()
+    ids = chat.render_prompt(opening)
+    replies: list[Reply] = []
     mask = [False] * len(ids)
     logprobs = [0.0] * len(ids)
     versions = [NOT_SAMPLED_VERSION] * len(ids)
@@ -257,9 +267,9 @@ def run_episode_sync(
         mask += [True] * len(reply.token_ids)
         logprobs += reply.logprobs
         versions += [reply.policy_version] * len(reply.token_ids)
-        result = episode.step(
-            chat.decode_reply(reply.token_ids, stopped=reply.finish_reason is FinishReason.STOP)
-        )
+        text = chat.decode_reply(reply.token_ids, stopped=reply.finish_reason is FinishReason.STOP)
+        result = episode.step(text)
+        replies.append(Reply.of(text, result))
         if result.done:
             truncated = False
             break
@@ -283,4 +293,5 @@ def run_episode_sync(
         start_version=start_version,
         truncated=truncated,
         constraint_spans=spans,
+        transcript=Transcript.of(opening, tuple(replies)),
     )

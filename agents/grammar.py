@@ -28,11 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from envtune.agents.engine import Constraint, ConstraintKind
+from envtune.environments.schemas import SchemaError as SchemaError
+from envtune.environments.schemas import bfcl_to_json_schema as bfcl_to_json_schema
 from envtune.environments.tool_calls import MAX_CALLS_PER_STEP
 from envtune.environments.types import FunctionDoc
 
@@ -42,61 +44,11 @@ if TYPE_CHECKING:
 MAX_CALLS_PER_REPLY = MAX_CALLS_PER_STEP
 """Most calls one ``<tool_call>`` block may hold: the environment parser's own limit."""
 
-_BFCL_SCALARS: Mapping[str, str] = {
-    "string": "string",
-    "integer": "integer",
-    "float": "number",
-    "number": "number",
-    "boolean": "boolean",
-}
-
 # Free text: no "<" that could start a tag ("<" followed by a letter, "/" or another "<"), and no "<"
 # right before the closing tag (that "<" would be followed by "<").
 _FREE_TEXT = 'root ::= ([^<] | "<" [^a-zA-Z/<])*'
 _WS = 'root ::= [ \\n\\t]{0,8}'
 """Whitespace between blocks, bounded so a constrained model cannot pad forever."""
-
-
-class SchemaError(ValueError):
-    """A function doc has a parameter schema this module cannot turn into a grammar."""
-
-
-def bfcl_to_json_schema(schema: Mapping[str, Any], where: str = "parameters") -> dict[str, Any]:
-    """BFCL's parameter schema (``dict``/``float``/``tuple``… types) as JSON Schema.
-
-    Objects get ``additionalProperties: false`` (an unknown argument is an error in the environment);
-    ``float`` becomes ``number`` (an integer literal is a valid float argument); a type BFCL calls
-    ``any`` (or none) allows any JSON value.
-    """
-    kind = schema.get("type")
-    out: dict[str, Any]
-    if isinstance(kind, str) and kind in _BFCL_SCALARS:
-        out = {"type": _BFCL_SCALARS[kind]}
-    elif kind in ("dict", "object"):
-        properties = schema.get("properties") or {}
-        if not isinstance(properties, Mapping):
-            raise SchemaError(f"{where}: properties must be a mapping")
-        required = [name for name in schema.get("required") or [] if name in properties]
-        out = {
-            "type": "object",
-            "properties": {
-                name: bfcl_to_json_schema(sub, f"{where}.{name}") for name, sub in properties.items()
-            },
-            "required": required,
-            "additionalProperties": False,
-        }
-    elif kind in ("array", "tuple"):
-        items = schema.get("items")
-        out = {"type": "array"}
-        if items:
-            out["items"] = bfcl_to_json_schema(items, f"{where}[]")
-    elif kind in (None, "any"):
-        out = {}
-    else:
-        raise SchemaError(f"{where}: unknown BFCL type {kind!r}")
-    if "enum" in schema:
-        out["enum"] = list(schema["enum"])
-    return out
 
 
 def _check_max_calls(max_calls: int) -> None:

@@ -43,6 +43,7 @@ from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_mo
 from envtune.runtime.recipe.config import CPU_PRESET, Config, load_config
 from envtune.runtime.recipe.run_folder import RunFolder
 from envtune.runtime.recipe.training import train
+from envtune.runtime.recipe.trajectory_log import SampleMode, TrajectorySampling
 from envtune.runtime.testing.controls import ShuffledRewards
 
 
@@ -65,7 +66,7 @@ def arm_config(steps: int, groups_per_step: int, seed: int, extra: list[str]) ->
             max_steps=steps,
             seed=seed,
             checkpoint_every=0,
-            sample_trajectories_every=0,
+            trajectories=TrajectorySampling(SampleMode.NONE),
             progress_bar=False,
         ),
     )

@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 from envtune.runtime.engines.openai_api import OpenAIChatRoutes, OpenAIServingConfig, _Choice
-from envtune.runtime.engines.tiny_chat_template import TOOL_CHAT_TEMPLATE
 from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
 from transformers import AutoTokenizer
 
@@ -55,7 +54,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_model(default_tiny_model_dir()))
-    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
     routes = OpenAIChatRoutes(engine=None, tokenizer=tokenizer, config=OpenAIServingConfig("tiny"))  # type: ignore[arg-type]
     ids: list[int] = []
     while len(ids) < args.tokens:

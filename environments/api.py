@@ -31,6 +31,7 @@ from typing import Any
 
 from envtune.environments import protocol
 from envtune.environments.episode import BfclEnvironment, Episode, EpisodeConfig
+from envtune.environments.schemas import bfcl_to_json_schema
 from envtune.environments.tool_calls import (
     MAX_CALLS_PER_STEP,
     MAX_REPLY_CHARS,
@@ -58,35 +59,6 @@ _RESOURCEFUL_SYSTEM = (
 
 _POSITION = re.compile(r" at line \d+ column \d+ \(char \d+\)")
 
-_BFCL_TYPES: Mapping[str, str] = {
-    "dict": "object",
-    "float": "number",
-    "tuple": "array",
-    "string": "string",
-    "integer": "integer",
-    "boolean": "boolean",
-    "array": "array",
-    "object": "object",
-    "number": "number",
-}
-
-
-def json_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """BFCL's parameter schema (``dict``/``float``/``tuple``/``any`` types) as standard JSON Schema."""
-    out: dict[str, Any] = {}
-    kind = schema.get("type")
-    if isinstance(kind, str) and kind in _BFCL_TYPES:
-        out["type"] = _BFCL_TYPES[kind]
-    for key in ("description", "enum", "default", "required"):
-        if key in schema:
-            out[key] = schema[key]
-    if isinstance(schema.get("properties"), Mapping):
-        out["properties"] = {name: json_schema(sub) for name, sub in schema["properties"].items()}
-    if isinstance(schema.get("items"), Mapping):
-        out["items"] = json_schema(schema["items"])
-    return out
-
-
 def openai_tool(doc: FunctionDoc) -> dict[str, Any]:
     """A BFCL function as an OpenAI tool (``{"type": "function", "function": {...}}``)."""
     return {
@@ -94,7 +66,7 @@ def openai_tool(doc: FunctionDoc) -> dict[str, Any]:
         "function": {
             "name": doc.name,
             "description": doc.description,
-            "parameters": json_schema(doc.parameters),
+            "parameters": bfcl_to_json_schema(doc.parameters, doc.name, descriptions=True),
         },
     }
 

@@ -7,6 +7,9 @@ model can already see, never from the ground truth.
 
 The type rules follow what BFCL's Python classes accept for the ground truth of all 800 tasks (a test
 checks every ground-truth call validates clean); each leniency below names the data that needs it.
+``bfcl_to_json_schema`` turns the same docs into standard JSON Schema: the one conversion behind both
+the reply grammar (``agents/grammar.py``) and the OpenAI-style tool listing (``api.py``).
+
 Deliberately left out: anything about state (does the file exist?) — that is the environment's job.
 """
 
@@ -410,3 +413,62 @@ def _short(value: object) -> str:
     except Exception:  # not JSON (only possible for a hand-built ToolCall): fall back to the type name
         text = type(value).__name__
     return text if len(text) <= 40 else text[:40] + "…"
+
+
+# --- JSON Schema ----------------------------------------------------------------------------------------
+
+_JSON_SCALARS: Mapping[str, str] = MappingProxyType(
+    {"string": "string", "integer": "integer", "float": "number", "number": "number", "boolean": "boolean"}
+)
+
+
+class SchemaError(ValueError):
+    """A function doc has a parameter schema that cannot be turned into JSON Schema."""
+
+
+def bfcl_to_json_schema(
+    schema: Mapping[str, Any], where: str = "parameters", *, descriptions: bool = False
+) -> dict[str, Any]:
+    """BFCL's parameter schema (``dict``/``float``/``tuple``… types) as JSON Schema.
+
+    Objects get ``additionalProperties: false`` (an unknown argument is an error in the environment)
+    and only the ``required`` names they define; ``float`` becomes ``number`` (an integer literal is a
+    valid float argument); a type BFCL calls ``any`` (or none) allows any JSON value. With
+    ``descriptions`` the docs' descriptions (and defaults other than None) are kept: a model reading a
+    tool listing needs them, a grammar does not.
+    """
+    kind = schema.get("type")
+    out: dict[str, Any]
+    if isinstance(kind, str) and kind in _JSON_SCALARS:
+        out = {"type": _JSON_SCALARS[kind]}
+    elif kind in ("dict", "object"):
+        properties = schema.get("properties") or {}
+        if not isinstance(properties, Mapping):
+            raise SchemaError(f"{where}: properties must be a mapping")
+        required = [name for name in schema.get("required") or [] if name in properties]
+        out = {
+            "type": "object",
+            "properties": {
+                name: bfcl_to_json_schema(sub, f"{where}.{name}", descriptions=descriptions)
+                for name, sub in properties.items()
+            },
+            "required": required,
+            "additionalProperties": False,
+        }
+    elif kind in ("array", "tuple"):
+        items = schema.get("items")
+        out = {"type": "array"}
+        if items:
+            out["items"] = bfcl_to_json_schema(items, f"{where}[]", descriptions=descriptions)
+    elif kind in (None, "any"):
+        out = {}
+    else:
+        raise SchemaError(f"{where}: unknown BFCL type {kind!r}")
+    if "enum" in schema:
+        out["enum"] = list(schema["enum"])
+    if descriptions:
+        if isinstance(schema.get("description"), str):
+            out["description"] = schema["description"]
+        if "default" in schema and schema["default"] not in _NONE_DEFAULTS:
+            out["default"] = schema["default"]
+    return out

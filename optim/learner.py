@@ -263,7 +263,16 @@ class Learner:
             started = time.perf_counter()
             metrics = self._step_locked(trajectories, started, token_masks)
             self._num_steps += 1
-        log.info("learner_step", **metrics.as_dict())
+        # The headline only: every field goes to metrics.jsonl (and the sinks) through the caller.
+        log.info(
+            "learner_step",
+            version=metrics.policy_version,
+            loss=metrics.loss,
+            reward_mean=metrics.reward_mean,
+            grad_norm=metrics.grad_norm,
+            tokens_per_s=metrics.tokens_per_s,
+            duration_s=metrics.duration_s,
+        )
         return metrics
 
     def logprobs(

@@ -1,7 +1,9 @@
-"""structlog configured once, for every entry point.
+"""structlog configured plainly, for library use (a notebook, a script driving ``train``).
 
 Logs are events (JSON lines or a console renderer); metrics are written apart from logs, by the
-run folder. Configuration is explicit and idempotent: entry points call ``configure_logging`` once.
+run folder. Configuration is explicit and idempotent. The entry points use the fuller terminal of
+``runtime/recipe/progress.py`` instead (short lines above a progress display, a JSON log file,
+library warnings once), which needs rich and so stays out of the core.
 """
 
 from __future__ import annotations

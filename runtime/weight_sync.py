@@ -181,7 +181,7 @@ class AdapterPublisher:
         self._unloaded += 1
         if not self._keep_files:
             await asyncio.to_thread(shutil.rmtree, adapter.path, True)
-        log.info("adapter_unloaded", version=version, name=adapter.name)
+        log.debug("adapter_unloaded", version=version, name=adapter.name)  # routine, every step
 
     async def _unload_quietly(self, target: WeightSync, name: str) -> None:
         # A failed unload leaks engine memory but must not fail the rollout that released it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,6 +167,24 @@ async def test_trajectory_is_prompt_plus_sampled_plus_appended(chat: ChatTokeniz
     assert (traj.progress, traj.reward, traj.truncated) == (1.0, 1.0, False)
     assert (traj.stage, traj.start_version) == (2, 5)
     assert traj.step_codes == (-1, -3, 1, -1, 1)
+    # The transcript is the same episode as the environment saw it: opening, then each reply's text
+    # with the environment's result (the very objects ``step`` returned).
+    assert traj.transcript is not None
+    assert traj.transcript.opening == tuple((m.role, m.content) for m in episode.start())
+    assert [r.text for r in traj.transcript.replies] == episode.replies
+    assert [r.observation for r in traj.transcript.replies] == [
+        tuple((m.role, m.content) for m in observation) for observation in episode.observations
+    ]
+    assert [r.code for r in traj.transcript.replies] == list(traj.step_codes)
+    assert [r.turn for r in traj.transcript.replies] == [0, 0, 0, 1, 1]
+    # Atoms only below each reply: the collector stops tracking those tuples, so thousands of
+    # transcripts in flight cost it one object per reply (see agents/trajectory.py). Nested tuples
+    # are untracked one level per collection, so two.
+    gc.collect()
+    gc.collect()
+    for reply in traj.transcript.replies:
+        assert not gc.is_tracked(reply.observation) and not gc.is_tracked(reply.calls)
+    assert not gc.is_tracked(traj.transcript.opening)
 
 
 async def test_async_loop_agrees_with_the_reference_loop(chat: ChatTokenizer) -> None:
@@ -175,7 +194,8 @@ async def test_async_loop_agrees_with_the_reference_loop(chat: ChatTokenizer) ->
     reference_engine = ScriptedEngine(chat, list(SCRIPT))
     reference = run_episode_sync(reference_engine.generate_sync, FakeEpisode(), chat, config,
                                  task_id="t", group_id="g")
-    assert fast == reference
+    assert fast == reference  # the transcripts too (a field of the trajectory)
+    assert fast.transcript is not None and len(fast.transcript.replies) == len(SCRIPT)
     assert fast.reward == pytest.approx(0.8 + 1.0)  # stage-1 reward: 4 of 5 steps well-formed, tools ok
 
 

@@ -31,6 +31,7 @@ from envtune.runtime.recipe.run_folder import RunFolder
 SMOKE = [
     "curriculum.stages.*.promotion.max_steps=1",
     "curriculum.stages.*.episode.max_steps_per_turn=1",
+    "curriculum.stages.*.zero_variance=keep",  # 16-token replies never score: keep the groups, step anyway
     "curriculum.validation_every=0",
     "rollout.group_size=2",
     "rollout.groups_per_step=1",
@@ -38,7 +39,7 @@ SMOKE = [
     "rollout.max_staleness=0",
     "sampling.max_new_tokens=16",
     "run.checkpoint_every=0",
-    "run.sample_trajectories_every=0",
+    "run.trajectories.mode=none",
     "run.progress_bar=false",
     "logging.format=json",
     "learner.memory.capacity_gib=4",  # the tiny model's estimate is ~1 GiB: checked, and it starts

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 from envtune.environments import BfclEnvironment, EpisodeConfig, FeedbackMode, StepCode
-from envtune.environments.api import ToolSession, json_schema, parse_structured_reply
+from envtune.environments.api import ToolSession, openai_tool, parse_structured_reply
 from envtune.environments.ground_truth import ground_truth_calls
+from envtune.environments.schemas import bfcl_to_json_schema
 from envtune.environments.tool_calls import MAX_CALLS_PER_STEP, FormatError, format_reply
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE_SOURCES = (REPO / "README.md", Path(__file__).with_name("readme_api_example.md"))
-"""The README section (once it is there) and its copy here must hold the same example."""
+README = REPO / "README.md"
+"""Its "## Python API" section is the documented example, run here verbatim."""
 TASK = "multi_turn_base_0"
 
 
@@ -37,11 +38,10 @@ def _openai_calls(calls: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _example(markdown: str) -> tuple[str, str] | None:
-    """(code, expected output) of the '## Python API' section, or None when the file has none."""
-    section = markdown.partition("## Python API")[2]
-    if not section:
-        return None
+def _example(markdown: str) -> tuple[str, str]:
+    """(code, expected output) of the '## Python API' section."""
+    section = markdown.partition("## Python API")[2].partition("\n## ")[0]
+    assert section, "README.md has no '## Python API' section"
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     printed = re.search(r"Prints:\s*\n```\n(.*?)```", section, re.DOTALL)
     assert code and printed, "the Python API section needs a python block and a 'Prints:' block"
@@ -49,11 +49,7 @@ def _example(markdown: str) -> tuple[str, str] | None:
 
 
 def test_the_readme_example_runs_as_written() -> None:
-    examples = {path: _example(path.read_text()) for path in EXAMPLE_SOURCES if path.exists()}
-    found = {path: example for path, example in examples.items() if example is not None}
-    assert found, "no copy of the Python API example found"
-    assert len(set(found.values())) == 1, "README.md and tests/readme_api_example.md disagree"
-    code, expected = next(iter(found.values()))
+    code, expected = _example(README.read_text(encoding="utf-8"))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "readme_api_example", "exec"), {})  # the documented snippet, verbatim
@@ -100,7 +96,7 @@ def test_messages_follow_openai_shapes(env: BfclEnvironment) -> None:
     assert session.messages[-1] == tool_message
 
 
-def test_schema_conversion() -> None:
+def test_schema_conversion_keeps_descriptions_for_a_tool_listing() -> None:
     bfcl = {
         "type": "dict",
         "properties": {
@@ -108,19 +104,42 @@ def test_schema_conversion() -> None:
             "t": {"type": "tuple", "items": {"type": "string"}},
             "o": {"type": "dict", "properties": {"k": {"type": "integer", "enum": [1, 2]}}},
             "a": {"type": "any"},
+            "n": {"type": "string", "default": "None"},
+            "m": {"type": "integer", "default": 3},
         },
-        "required": ["x"],
+        "required": ["x", "ghost"],
     }
-    assert json_schema(bfcl) == {
+    listing = {
         "type": "object",
         "required": ["x"],
         "properties": {
             "x": {"type": "number", "description": "d"},
             "t": {"type": "array", "items": {"type": "string"}},
-            "o": {"type": "object", "properties": {"k": {"type": "integer", "enum": [1, 2]}}},
+            "o": {
+                "type": "object",
+                "properties": {"k": {"type": "integer", "enum": [1, 2]}},
+                "required": [],
+                "additionalProperties": False,
+            },
             "a": {},
+            "n": {"type": "string"},  # BFCL's "None" default of an optional argument is no value
+            "m": {"type": "integer", "default": 3},
         },
+        "additionalProperties": False,
     }
+    assert bfcl_to_json_schema(bfcl, descriptions=True) == listing
+    # The grammar's view is the same schema without the prose (one conversion, two uses).
+    plain = bfcl_to_json_schema(bfcl)
+    assert plain["properties"]["x"] == {"type": "number"} and "default" not in plain["properties"]["m"]
+
+
+def test_every_tool_lists_as_an_openai_tool() -> None:
+    from envtune.environments.tasks import load_function_docs
+
+    for doc in load_function_docs().values():
+        tool = openai_tool(doc)
+        assert tool["function"]["parameters"]["type"] == "object", doc.name
+        assert tool["function"]["description"] == doc.description
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,7 @@ def config() -> Config:
         learner=replace(base.learner, lr=1e-2, lora=LoraSettings(rank=4, alpha=8.0)),  # KL 0.1: default
         curriculum=CurriculumConfig(stages=stages, validation_every=0),
         run=RunConfig(
-            max_steps=STEPS, checkpoint_every=0, sample_trajectories_every=0, progress_bar=False,
+            max_steps=STEPS, checkpoint_every=0, progress_bar=False,
             no_progress_timeout_s=600,
         ),
     )  # fmt: skip

@@ -23,6 +23,7 @@ from envtune.runtime.recipe.curriculum import CurriculumScheduler, CurriculumTas
 from envtune.runtime.recipe.episodes import CurriculumTaskSource
 from envtune.runtime.recipe.learner_actor import LearnerActor
 from envtune.runtime.recipe.run_folder import RunFolder
+from envtune.runtime.recipe.sinks import open_sinks
 from envtune.runtime.recipe.training import run_actors
 from envtune.runtime.records import DropReason
 from envtune.runtime.rollout import RolloutActor, RolloutConfig
@@ -115,13 +116,13 @@ def build(
     run_config = RunConfig(
         max_steps=max_steps,
         checkpoint_every=checkpoint_every,
-        sample_trajectories_every=0,
         progress_bar=False,
     )
     publisher = AdapterPublisher(tmp_path / "adapters", [])
     learner_actor = LearnerActor(
         learner,  # type: ignore[arg-type]
-        scheduler, publisher, folder, rollout_config, run_config, decode=lambda ids: "",
+        scheduler, publisher, folder, rollout_config, run_config,
+        sinks=open_sinks(folder.path, [], config={}, run_name="stub"), live_report=False,
     )  # fmt: skip
     source = CurriculumTaskSource(scheduler)
     rollout = RolloutActor(rollout_config, source, runner, learner_actor)

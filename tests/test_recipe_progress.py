@@ -210,6 +210,56 @@ def test_library_warnings_are_shown_once(tty: tuple[Console, io.StringIO]) -> No
     assert all("[test_recipe_progress.py:" in line for line in lines)
 
 
+def test_a_librarys_own_filter_cannot_repeat_a_warning(tty: tuple[Console, io.StringIO]) -> None:
+    """transformers/torch code may warn under its own ``always`` filter: still one line."""
+    console, buffer = tty
+    with warnings.catch_warnings():
+        configure_logging("info", console=console, colors=False)
+        for _ in range(3):
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.warn("envtune-test: said again", FutureWarning, stacklevel=1)
+        configure_logging("info", console=console, colors=False)  # configured again: still once
+        warnings.warn("envtune-test: said again", FutureWarning, stacklevel=1)
+    assert buffer.getvalue().count("envtune-test: said again") == 1
+
+
+def test_a_librarys_own_handler_is_adopted(
+    tty: tuple[Console, io.StringIO], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A library logger with its own stderr handler and no propagation (transformers' set-up) ends up
+    in the run's format on the console and in the JSON file."""
+    import sys
+
+    from envtune.runtime.recipe.progress import adopt_library_loggers
+
+    console, buffer = tty
+    library = logging.getLogger("envtune-test-library")
+    library.addHandler(logging.StreamHandler(sys.stderr))
+    library.propagate = False
+    try:
+        configure_logging("info", tmp_path / "log.jsonl", console=console, colors=False)
+        adopt_library_loggers()
+        library.warning("a library says %s", "hello")
+    finally:
+        library.handlers.clear()
+        library.propagate = True
+    assert "a library says hello" not in capsys.readouterr().err  # not through its own handler
+    (line,) = [line for line in buffer.getvalue().splitlines() if "a library says hello" in line]
+    assert "[warning" in line
+    records = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "a library says hello" for r in records)
+
+
+def test_json_console_keeps_values_whole(tty: tuple[Console, io.StringIO]) -> None:
+    console, buffer = tty
+    configure_logging("info", console=console, colors=False, fmt="json")
+    structlog.get_logger("test").info("learner_step", loss=1 / 3, **{f"m{i:02d}": 0.5 for i in range(60)})
+    (line,) = [line for line in buffer.getvalue().splitlines() if line]
+    event = json.loads(line)
+    assert event["loss"] == 1 / 3 and event["m59"] == 0.5 and event["event"] == "learner_step"
+    with pytest.raises(ValueError, match="log format"):
+        configure_logging("info", console=console, fmt="yaml")  # type: ignore[arg-type]
 def test_a_library_stderr_handler_prints_each_line_once(tty: tuple[Console, io.StringIO]) -> None:
     """transformers keeps a stderr handler of its own; with its propagation on (anything may turn it
     on), each of its lines used to be printed twice above the bar, once unformatted."""

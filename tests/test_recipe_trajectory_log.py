@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from envtune.agents.trajectory import Trajectory
+from envtune.agents.trajectory import Reply, Trajectory, Transcript
 from envtune.environments import BfclEnvironment, EpisodeConfig
 from envtune.environments.ground_truth import ground_truth_calls
 from envtune.environments.tool_calls import ANSWER_REPLY, format_reply
 from envtune.environments.types import ToolCall
 from envtune.runtime.recipe.trajectory_log import (
+    FIELDS,
     SCHEMA_VERSION,
     EpisodeRecord,
-    EpisodeTranscript,
     SampleMode,
     TrajectoryLog,
     TrajectorySampling,
@@ -34,8 +34,8 @@ def _play(env: BfclEnvironment, task_id: str, group: str) -> EpisodeRecord:
     """A scripted episode: a format error, a bad call, then the ground truth, answering each turn."""
     task = env.tasks[task_id]
     episode = env.make_episode(task_id, EpisodeConfig(max_steps_per_turn=20))
-    transcript = EpisodeTranscript()
-    transcript.opening(episode.start())
+    opening = episode.start()
+    played: list[Reply] = []
     replies = ["no tags here", format_reply([ToolCall("no_such_function", {"x": 1})])]
     for turn_calls in ground_truth_calls(task):
         if turn_calls:
@@ -44,7 +44,7 @@ def _play(env: BfclEnvironment, task_id: str, group: str) -> EpisodeRecord:
     for reply in replies:
         if episode.done:
             break
-        transcript.reply(reply, episode.step(reply))
+        played.append(Reply.of(reply, episode.step(reply)))
     score = episode.score()
     n = 40
     trajectory = Trajectory(
@@ -62,13 +62,15 @@ def _play(env: BfclEnvironment, task_id: str, group: str) -> EpisodeRecord:
         step_codes=score.step_codes,
         stage=2,
         start_version=3,
+        transcript=Transcript.of(opening, tuple(played)),
     )
-    return EpisodeRecord.from_trajectory(trajectory, transcript.freeze(), category=task.category, step=5)
+    return EpisodeRecord(trajectory, task.category)
 
 
 def test_records_hold_the_conversation_and_the_calls(env: BfclEnvironment) -> None:
-    record = _play(env, TASKS[0], "g0").to_json()
-    assert record["schema_version"] == SCHEMA_VERSION
+    record = _play(env, TASKS[0], "g0").to_json(5)
+    assert list(record) == list(FIELDS)  # every documented field, in the documented order
+    assert record["schema_version"] == SCHEMA_VERSION and record["drop_reason"] is None
     assert (record["task_id"], record["category"], record["stage"], record["step"]) == (
         TASKS[0],
         "base",
@@ -109,9 +111,10 @@ def test_sampling_modes() -> None:
     assert TrajectorySampling().select(1, 5) == [0, 1, 2, 3, 4]
     assert TrajectorySampling(SampleMode.PER_STEP, per_step=2).select(1, 5) == [0, 1]
     assert TrajectorySampling(SampleMode.NONE).select(1, 5) == []
-    half = TrajectorySampling(SampleMode.FRACTION, fraction=0.5, seed=3)
-    picks = [half.select(step, 100) for step in range(20)]
-    assert picks == [half.select(step, 100) for step in range(20)]  # reproducible (resume logs the same)
+    half = TrajectorySampling(SampleMode.FRACTION, fraction=0.5)
+    picks = [half.select(step, 100, seed=3) for step in range(20)]
+    assert picks == [half.select(step, 100, seed=3) for step in range(20)]  # resume logs the same
+    assert picks != [half.select(step, 100, seed=4) for step in range(20)]  # the run's seed matters
     share = sum(map(len, picks)) / 2000
     assert 0.4 < share < 0.6
     assert picks[0] != picks[1]
@@ -128,6 +131,7 @@ def test_log_loads_with_datasets(
     import datasets
 
     records = [_play(env, task_id, f"g{i}") for i, task_id in enumerate(TASKS)]
+    records[1] = EpisodeRecord(records[1].trajectory, records[1].category, "zero_variance")
     path = tmp_path / "trajectories.jsonl"
     log = TrajectoryLog(path)
     assert log.write_step(5, records) == 2
@@ -140,14 +144,14 @@ def test_log_loads_with_datasets(
     assert table.num_rows == 3
     assert table["task_id"] == [TASKS[0], TASKS[1], TASKS[0]]
     assert table["category"] == ["base", "miss_param", "base"]
-    expected_columns = set(records[0].to_json())
-    assert set(table.column_names) == expected_columns
+    assert set(table.column_names) == set(FIELDS)
+    assert table["drop_reason"] == [None, "zero_variance", None] and table["step"] == [5, 5, 6]
     row = table[1]
-    original = records[1].to_json()
+    original = records[1].to_json(5)
     assert row["step_codes"] == original["step_codes"] and row["turn_passed"] == original["turn_passed"]
     assert [m["content"] for m in row["messages"]] == [m["content"] for m in original["messages"]]
     assert [c["arguments"] for c in row["tool_calls"]] == [c["arguments"] for c in original["tool_calls"]]
-    assert read_records(path)[2]["step"] == 5
+    assert read_records(path)[2]["step"] == 6
 
 
 def test_without_the_system_message(env: BfclEnvironment, tmp_path: Path) -> None:
@@ -157,4 +161,4 @@ def test_without_the_system_message(env: BfclEnvironment, tmp_path: Path) -> Non
     (written,) = read_records(tmp_path / "t.jsonl")
     messages: list[dict[str, Any]] = written["messages"]
     assert messages[0]["role"] == "user" and all(m["role"] != "system" for m in messages)
-    assert len(messages) == len(record.transcript.messages) - 1
+    assert len(messages) == len(record.to_json(1)["messages"]) - 1

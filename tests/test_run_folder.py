@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from envtune.runtime.recipe.config import Config, dump_config, load_config
-from envtune.runtime.recipe.report import write_report
+from envtune.runtime.recipe.report import PLOTS, write_report
 from envtune.runtime.recipe.run_folder import COMPLETE, RunFolder, RunFolderError
 
 
@@ -123,6 +123,8 @@ def test_report_writes_plots_and_an_html_page(tmp_path: Path) -> None:
                 "rollout/tokens_per_s": 100.0 + step,
                 "rollout/staleness_mean": 0.5,
                 "learner/loss": 1.0 / step,
+                "learner/num_loss_tokens": 1000 + step,
+                "learner/entropy": 7.5,
             }
         )
         if step in (4, 8):
@@ -143,3 +145,26 @@ def test_report_of_an_empty_run_still_renders(tmp_path: Path) -> None:
     folder = _folder(tmp_path)
     page = write_report(folder).read_text()
     assert "0 learner steps logged" in page and "<img" not in page
+
+
+def test_learner_plot_keeps_losses_on_their_own_panel() -> None:
+    """A token count matched as a "loss" once flattened every learner series onto the axis."""
+    learner = next(spec for spec in PLOTS if spec.file_name == "learner.png")
+    keys = [
+        "learner/loss", "learner/pg_loss", "learner/num_loss_tokens", "learner/kl_ref", "learner/behavior_kl",
+        "learner/entropy", "learner/grad_norm", "learner/clip_fraction", "learner/dual_clip_fraction",
+        "learner/lr", "learner/behavior_weight_max", "train/reward",
+    ]  # fmt: skip
+    assert list(learner.panels(keys)) == ["loss", "KL", "entropy", "gradient norm", "clip fraction"]
+    assert learner.panels(keys) == {
+        "loss": ["learner/loss", "learner/pg_loss"],
+        "KL": ["learner/kl_ref", "learner/behavior_kl"],
+        "entropy": ["learner/entropy"],
+        "gradient norm": ["learner/grad_norm"],
+        "clip fraction": ["learner/clip_fraction", "learner/dual_clip_fraction"],
+    }
+    throughput = next(spec for spec in PLOTS if spec.file_name == "throughput.png")
+    assert throughput.panels(["rollout/episodes_per_s", "rollout/tokens_per_s", "learner/tokens_per_s"]) == {
+        "episodes / s": ["rollout/episodes_per_s"],
+        "tokens / s": ["rollout/tokens_per_s", "learner/tokens_per_s"],
+    }

@@ -603,7 +603,11 @@ async def test_api_key(engine: EmbeddedEngine, contract: ModuleType, prompt: tup
 
 
 def test_envtune_serve_console_script(tmp_path: Path) -> None:
-    """Smoke run of the real entry point: start, answer /generate, stop on SIGTERM."""
+    """Smoke run of the real entry point: start, answer SGLang's /generate and OpenAI's
+    /v1/chat/completions (the official client, tools offered) on one port, each API's own 401 shape
+    without the key, stop on SIGTERM."""
+    import openai
+
     script = Path(sys.executable).parent / "envtune-serve"
     command = (
         [str(script)] if script.exists() else [sys.executable, "-m", "envtune.runtime.cli.serve"]
@@ -613,7 +617,11 @@ def test_envtune_serve_console_script(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "ENVTUNE_TINY_MODEL_DIR": str(default_tiny_model_dir())},
+        env={
+            **os.environ,
+            "ENVTUNE_TINY_MODEL_DIR": str(default_tiny_model_dir()),
+            "ENVTUNE_API_KEY": "sekret",
+        },
     )
     try:
         assert process.stdout is not None
@@ -621,6 +629,8 @@ def test_envtune_serve_console_script(tmp_path: Path) -> None:
         match = re.search(r"listening on (http://\S+)", line)
         assert match, line
         url = match.group(1)
+
+        key = {"Authorization": "Bearer sekret"}
 
         async def ask() -> dict[str, Any]:
             async with aiohttp.ClientSession() as session:
@@ -630,11 +640,34 @@ def test_envtune_serve_console_script(tmp_path: Path) -> None:
                     "return_logprob": True,
                 }
                 async with session.post(url + "/generate", json=body) as response:
+                    assert response.status == 401 and await response.json() == {"error": "Unauthorized"}
+                async with session.post(url + "/v1/chat/completions", json={}) as response:
+                    error = (await response.json())["error"]
+                    assert response.status == 401 and error["code"] == "invalid_api_key"
+                async with session.get(url + "/model_info", headers=key) as response:
+                    assert (await response.json())["tool_call_parser"] == "qwen25"
+                async with session.post(url + "/generate", json=body, headers=key) as response:
                     assert response.status == 200
                     return await response.json()
 
         answer = asyncio.run(ask())
         assert len(answer["output_ids"]) == len(answer["meta_info"]["output_token_logprobs"]) == 2
+        chat = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0, timeout=120)
+        assert [m.id for m in chat.models.list().data] == ["tiny"]
+        tool = {
+            "type": "function",
+            "function": {"name": "ls", "parameters": {"type": "object", "properties": {}}},
+        }
+        reply = chat.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "list the files"}],
+            tools=[tool],  # type: ignore[list-item]
+            tool_choice="required",  # a grammar forces a well-formed call even from a random model
+            max_tokens=64,
+            temperature=0,
+        )
+        (call,) = reply.choices[0].message.tool_calls or []
+        assert call.function.name == "ls" and reply.choices[0].finish_reason == "tool_calls"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:

@@ -47,6 +47,23 @@ def test_foreign_folder_is_refused_then_overwritten_deterministically(
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_a_build_by_an_older_recipe_is_rebuilt(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A cached build from before a recipe change (the chat template learning function calling) is
+    ours and stale: rebuilt in place, not refused as a foreign folder."""
+    import shutil
+
+    target = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, target)
+    marker = target / "envtune-tiny-model.json"
+    payload = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**payload, "format_version": payload["format_version"] - 1}))
+    (target / "chat_template.jinja").write_text("{{ messages }}")  # what an old recipe left
+    assert build_tiny_model(target) == target
+    assert json.loads(marker.read_text()) == payload
+    assert fingerprint(target) == fingerprint(tiny_model_dir)
+    assert "tool_call" in (target / "chat_template.jinja").read_text()
+
+
 def test_other_seed_of_a_build_is_not_silently_reused(tiny_model_dir: Path) -> None:
     with pytest.raises(FileExistsError):
         build_tiny_model(tiny_model_dir, seed=1)

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
-from envtune.runtime.logs import configure_logging
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import ConfigError, EvalConfig
 from envtune.runtime.recipe.evaluation import EvalSummary, evaluate_tasks, select_tasks, summarize
+from envtune.runtime.recipe.progress import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = resolve_config(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    configure_logging(config.logging.format, config.logging.level)
+    configure_logging(config.logging.level, fmt=config.logging.format)
     try:
         summary = asyncio.run(run_eval(config))
     except (ConfigError, FileNotFoundError) as exc:

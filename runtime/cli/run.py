@@ -9,8 +9,9 @@
 
 Under ``torchrun`` the learner is sharded over the ranks (``ranks.py``); rank 0 runs what follows.
 
-Which config: a TOML file when given; else the paper preset when a real model is named
-(``--model``/``--sglang``/``--launch-sglang``); else the CPU preset. ``--set`` overrides go last.
+Which config: a TOML file is laid over a preset: the paper preset (the dataclass defaults) unless
+``--preset cpu`` names the CPU one. Without a TOML file: the paper preset when a real model is named
+(``--model``/``--sglang``/``--launch-sglang``), else the CPU preset. ``--set`` overrides go last.
 
 What it does: resolve the config, check the learner's memory estimate for the model (a run that
 cannot fit is refused before anything loads), create (or reopen) the run folder, open the engine
@@ -20,18 +21,20 @@ run ``recipe.training.train`` under signal handlers, write the report.
 Stopping: Ctrl-C (SIGINT) or SIGTERM ends the run cleanly: no new work, in-flight episodes are
 cancelled, a checkpoint of the last completed step is written, and the report is produced; a
 second Ctrl-C aborts at once. The run folder's path is the last line written to stdout; logs and
-the progress line go to stderr. A run with no learner step for ``run.no_progress_timeout_s`` fails:
-checkpoint, report, the reason on stderr, exit status 3.
+the progress display go to stderr (short lines, rounded numbers; ``-v``/``-q`` for more or less),
+every log event in full to ``log.jsonl`` in the run folder, metrics to ``metrics.jsonl`` and the
+configured sinks (TensorBoard by default). A run with no learner step for
+``run.no_progress_timeout_s`` fails: checkpoint, report, the reason on stderr, exit status 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +42,6 @@ import structlog
 from envtune.optim.memory import MemoryBudgetError
 from envtune.runtime.cli.engine_stack import resolve_model_path
 from envtune.runtime.engines.sglang_launcher import LaunchError, WorkerDied
-from envtune.runtime.logs import configure_logging
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import (
     CPU_PRESET,
@@ -50,53 +52,26 @@ from envtune.runtime.recipe.config import (
     load_config,
 )
 from envtune.runtime.recipe.learner_setup import check_memory, check_resume, under_torchrun
+from envtune.runtime.recipe.progress import (
+    RunProgress,
+    add_verbosity_arguments,
+    adopt_library_loggers,
+    configure_logging,
+    console_level,
+)
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder, RunFolderError
+from envtune.runtime.recipe.sinks import MetricSinks, SinkUnavailable, open_run_sinks
 
 if TYPE_CHECKING:
     from envtune.optim.learner import PolicyLearner
+    from rich.console import Console
 
 log = structlog.get_logger(__name__)
 
 EXIT_NO_PROGRESS = 3
 """Exit status of a run that stopped progressing (``run.no_progress_timeout_s``)."""
-
-
-# --- progress -------------------------------------------------------------------------------------------
-
-
-class ProgressLine:
-    """A one-line progress display on stderr (rewritten in place on a terminal, a line per step otherwise)."""
-
-    def __init__(self, total_steps: int, num_stages: int, enabled: bool) -> None:
-        self.total = total_steps
-        self.num_stages = num_stages
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.started = time.monotonic()
-
-    def update(self, record: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
-        step = int(record["step"])
-        width = 24
-        filled = min(width, int(width * step / self.total)) if self.total else 0
-        bar = "#" * filled + "." * (width - filled)
-        of = f"/{self.total}" if self.total else ""
-        reward = record.get("train/reward", record.get("learner/reward_mean"))
-        reward_text = f"{reward:.3f}" if isinstance(reward, float) else "-"
-        elapsed = time.monotonic() - self.started
-        text = (
-            f"[{bar}] step {step}{of} | stage {record['stage']}/{self.num_stages} {record['stage_name']} | "
-            f"reward {reward_text} | {record.get('rollout/episodes_per_s', 0.0):.2f} ep/s | "
-            f"{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}"
-        )
-        sys.stderr.write(("\r" + text) if self.tty else (text + "\n"))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+LOG_FILE = "log.jsonl"
+"""Every log event of the run, values in full, one JSON object per line (``logging.json_log``)."""
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -111,7 +86,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "checkpoint; --resume continues from it.",
     )
     parser.add_argument(
-        "config", nargs="?", help="TOML config (default: CPU preset, or the paper preset with --model)"
+        "config",
+        nargs="?",
+        help="TOML config, laid over the --preset (default: the CPU preset; with --model, the paper preset)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["paper", "cpu"],
+        help="the preset a TOML file is laid over (default: paper) or, alone, the config to run",
     )
     parser.add_argument(
         "--set",
@@ -148,6 +130,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--list-keys", action="store_true", help="list every config key with its type and meaning"
     )
+    add_verbosity_arguments(parser)
     return parser
 
 
@@ -167,7 +150,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunFolder | None, 
     if args.log_format:
         overrides.append(f"logging.format={args.log_format}")
     if args.resume is not None:
-        if args.config:
+        if args.config or args.preset:
             raise ConfigError("--resume uses the run's own config.toml; pass changes with --set")
         out_dir = Path(args.out or load_config(CPU_PRESET).run.out_dir)
         path = Path(args.resume) if args.resume else RunFolder.latest_run(out_dir)
@@ -178,14 +161,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunFolder | None, 
         if checkpoint is None:
             raise RunFolderError(f"--resume: {path} has no complete checkpoint")
         return load_config(folder.config_path, overrides), folder, checkpoint
-    if args.config:
-        path = Path(args.config)
-    elif args.model or args.sglang or args.launch_sglang:
-        path = PAPER_PRESET
+    if args.preset:
+        preset = CPU_PRESET if args.preset == "cpu" else PAPER_PRESET
+    elif args.config or args.model or args.sglang or args.launch_sglang:
+        preset = PAPER_PRESET
     else:
-        path = CPU_PRESET
-    config_io.read_toml(path)  # a clear error for a missing or broken file before anything else
-    return load_config(path, overrides), None, None
+        preset = CPU_PRESET
+    layers = [preset, Path(args.config)] if args.config else [preset]
+    for path in layers:
+        config_io.read_toml(path)  # a clear error for a missing or broken file before anything else
+    return config_io.load_layers(Config, layers, overrides), None, None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -208,7 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return
-    configure_logging(config.logging.format, config.logging.level)
+    quiet_libraries()
+    level = config.logging.level
+    if args.verbose or args.quiet:
+        level = console_level(verbose=args.verbose, quiet=args.quiet)
+    console = configure_logging(level, fmt=config.logging.format)
     model_path = asyncio.run(resolve_model_path(config.model))
     try:
         import torch
@@ -220,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(str(exc))
     except MemoryBudgetError as exc:
         parser.exit(2, f"envtune-run: error: {exc}\n")
-    run_training(config, folder, checkpoint)
+    run_training(config, folder, checkpoint, console=console, level=level)
 
 
 def run_training(
@@ -228,35 +217,53 @@ def run_training(
     folder: RunFolder | None,
     checkpoint: Checkpoint | None,
     learner: PolicyLearner | None = None,
+    *,
+    console: Console | None = None,
+    level: str | None = None,
 ) -> None:
     """Create (or reopen) the run folder, run the training, write the report; the folder's path is
-    the last line on stdout. ``learner``: the sharded learner on rank 0 of a ``torchrun`` job."""
+    the last line on stdout. ``learner``: the sharded learner on rank 0 of a ``torchrun`` job.
+    ``console`` and ``level``: the logging already configured (else configured here)."""
+    level = level or config.logging.level
+    if console is None:
+        console = configure_logging(level, fmt=config.logging.format)
     if folder is None:
         folder = RunFolder.create(Path(config.run.out_dir), config.run.name)
     else:
         assert checkpoint is not None
         folder.truncate_after(checkpoint.step)
+    if config.logging.json_log:
+        configure_logging(level, folder.path / LOG_FILE, console=console, fmt=config.logging.format)
     folder.write_config(dump_config(config))
+    try:
+        sinks = open_run_sinks(folder.path, config.metrics, config_io.to_dict(config))
+    except (SinkUnavailable, ValueError) as exc:
+        sys.stderr.write(f"envtune-run: error: {exc}\n")
+        raise SystemExit(2) from None
     log.info("run_started", folder=str(folder.path), resume_step=checkpoint.step if checkpoint else None)
-    progress = ProgressLine(
-        config.derived.total_step_budget, config.derived.num_stages, config.run.progress_bar
-    )
     from envtune.runtime.watchdog import NoProgressError
 
     failure: NoProgressError | None = None
     try:
-        steps = asyncio.run(_main_async(config, folder, checkpoint, progress, learner))
+        with RunProgress(
+            config.derived.total_step_budget,
+            config.derived.num_stages,
+            console=console,
+            enabled=config.run.progress_bar,
+            start_step=checkpoint.step if checkpoint else 0,
+        ) as progress:
+            steps = asyncio.run(_main_async(config, folder, checkpoint, sinks, progress.update, learner))
     except NoProgressError as exc:  # checkpointed on the way out; the report says so too
         failure, steps = exc, -1
     except (LaunchError, WorkerDied) as exc:
         # The engines failed (a worker died: the run stopped in order first): report, then say why.
-        progress.close()
         from envtune.runtime.recipe.report import write_report
 
         write_report(folder)
         sys.stderr.write(f"envtune-run: error: {exc}\n{folder.path}\n")
         raise SystemExit(1) from None
-    progress.close()
+    finally:
+        sinks.close()
     from envtune.runtime.recipe.report import write_report
 
     report = write_report(folder)
@@ -268,11 +275,18 @@ def run_training(
         sys.exit(EXIT_NO_PROGRESS)
 
 
+def quiet_libraries() -> None:
+    """Hugging Face's download/loading progress bars off (the run has one display); set before
+    transformers is imported, which reads it once."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 async def _main_async(
     config: Config,
     folder: RunFolder,
     checkpoint: Checkpoint | None,
-    progress: ProgressLine,
+    sinks: MetricSinks,
+    on_step: Callable[[Mapping[str, Any]], None],
     learner: PolicyLearner | None = None,
 ) -> int:
     from envtune.runtime.cli.engine_stack import open_engines, run_watched
@@ -298,6 +312,7 @@ async def _main_async(
         async with open_engines(
             config.model, config.engine, config.learner.lora, log_dir=folder.path
         ) as engines:
+            adopt_library_loggers()  # transformers is loaded now: its lines get the run's format
             log.info("engines_ready", engines=engines.description, model=str(engines.model_path))
             work = train(
                 config,
@@ -307,7 +322,8 @@ async def _main_async(
                 engines.model_path,
                 checkpoint=checkpoint,
                 stop=stop,
-                on_step=progress.update,
+                on_step=on_step,
+                sinks=sinks,
                 learner=learner,
             )
             return await run_watched(engines, work, stop)

@@ -482,7 +482,7 @@ class EmbeddedEngine:
         self._adapter_paths[name] = path
         self._adapter_versions[name] = version
         self._version_high = max(self._version_high, version)
-        log.info("adapter_loaded", name=name, path=path, version=version)
+        log.debug("adapter_loaded", name=name, path=path, version=version)  # the publisher logs at info
 
     def _do_unload_adapter(self, name: str) -> None:
         if name not in self._adapter_versions:
@@ -498,7 +498,7 @@ class EmbeddedEngine:
         self._prefix.drop_adapter(name)
         del self._adapter_versions[name]
         del self._adapter_paths[name]
-        log.info("adapter_unloaded", name=name)
+        log.debug("adapter_unloaded", name=name)
 
     def _do_update_weights(self, path: str, version: int) -> None:
         try:

@@ -36,6 +36,7 @@ from envtune.agents.engine import (
     SamplingParams,
 )
 from envtune.runtime.engines.embedded import EmbeddedEngine
+from envtune.runtime.engines.openai_protocol import OpenAIError
 from envtune.runtime.engines.sglang_protocol import (
     ContractError,
     ParsedGenerate,
@@ -76,6 +77,8 @@ class SGLangProtocolServer:
         self.engine = engine
         self.api_key = api_key
         self.served_model_name = served_model_name or str(engine.model_path)
+        self.tool_call_parser: str | None = None
+        """Reported by ``/model_info``; set by whoever mounts a tool-calling API (``envtune-serve``)."""
         self.app = web.Application(middlewares=[self._auth_middleware], client_max_size=64 * 1024 * 1024)
         routes = [
             web.post("/generate", self._generate),
@@ -140,6 +143,10 @@ class SGLangProtocolServer:
             and request.path not in ("/health", "/health_generate")
             and request.headers.get("Authorization", "") != f"Bearer {self.api_key}"
         ):
+            if request.path.startswith("/v1/"):  # the OpenAI routes' clients expect OpenAI's error object
+                return OpenAIError(
+                    401, "Incorrect API key provided.", code="invalid_api_key"
+                ).response()
             return web.json_response({"error": "Unauthorized"}, status=401)
         response: web.StreamResponse = await handler(request)
         return response
@@ -356,7 +363,7 @@ class SGLangProtocolServer:
                 "weight_version": str(self.engine.policy_version),
                 "load_format": None,
                 "reasoning_parser": None,
-                "tool_call_parser": None,
+                "tool_call_parser": self.tool_call_parser,
                 "model_type": getattr(config, "model_type", None),
                 "architectures": getattr(config, "architectures", None),
             }

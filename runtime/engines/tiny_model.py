@@ -9,7 +9,18 @@ Chat template: ChatML. ``system``/``user``/``assistant`` render as
 ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. ``tool`` messages render Qwen2.5-style: a run of
 consecutive tool messages becomes ONE ``user`` message whose content is each tool message wrapped in
 ``<tool_response>\\n...\\n</tool_response>`` (newline separated). ``add_generation_prompt`` appends
-``<|im_start|>assistant\\n``. ``<|im_end|>`` is the EOS token; ``<|endoftext|>`` pads.
+``<|im_start|>assistant\\n``. ``<|im_end|>`` is the EOS token; ``<|endoftext|>`` pads. With
+function calling (what ``envtune-serve``'s ``/v1/chat/completions`` renders), Qwen2.5's format:
+
+- ``tools`` go into the first system message (the caller's system text first, if any), one JSON
+  object per line between ``<tools>`` and ``</tools>``, followed by the instruction to answer with
+  ``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``;
+- an assistant message's ``tool_calls`` render as one such block each, after its content; the
+  arguments may be a dict (Hugging Face's convention, rendered with ``tojson``) or a JSON string
+  (OpenAI's, rendered as given).
+
+Without tools and tool calls the template is plain ChatML, so envtune's own episodes (tools listed
+by the environment's system prompt, calls in the reply text) render exactly as before.
 
 Deliberately left out: any notion of training; the weights are random (seeded) and stay so.
 """
@@ -50,9 +61,40 @@ QWEN2_PRETOKENIZE_REGEX = (
 )
 """Qwen2's pre-tokenizer split (transformers ``models/qwen2/tokenization_qwen2.py``)."""
 
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+"""What opens the tool listing in the system message (Qwen2.5's wording)."""
+
+TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    'within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+    '"arguments": <args-json-object>}\n</tool_call>'
+)
+"""What closes it."""
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- messages[0]['content'] + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- " + _jinja_string(TOOLS_PREAMBLE) + " -}}"
+    "{%- for tool in tools -%}"
+    "{{- '\\n' + (tool | tojson) -}}"
+    "{%- endfor -%}"
+    "{{- " + _jinja_string(TOOLS_POSTAMBLE) + " + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'tool' -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'tool' -%}"
     "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}"
     "{{- '<|im_start|>user' -}}"
     "{%- endif -%}"
@@ -60,6 +102,23 @@ CHAT_TEMPLATE = (
     "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}"
     "{{- '<|im_end|>\\n' -}}"
     "{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined"
+    " and message['tool_calls'] -%}"
+    "{{- '<|im_start|>assistant' -}}"
+    "{%- if message['content'] -%}"
+    "{{- '\\n' + message['content'] -}}"
+    "{%- endif -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- if call['function'] is defined -%}{%- set call = call['function'] -%}{%- endif -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' -}}"
+    "{%- if call['arguments'] is string -%}"
+    "{{- call['arguments'] -}}"
+    "{%- else -%}"
+    "{{- call['arguments'] | tojson -}}"
+    "{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
     "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
@@ -68,12 +127,12 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n' -}}"
     "{%- endif -%}"
 )
-"""ChatML with Qwen2.5's rendering of tool results (see the module docstring)."""
+"""ChatML with Qwen2.5's rendering of tools, tool calls and tool results (see the module docstring)."""
 
 _MARKER = "envtune-tiny-model.json"
 """Written last into a build: its presence (with matching contents) means the build is complete."""
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 """Bump when the build recipe changes, so stale cached builds are not reused."""
 
 
@@ -222,6 +281,19 @@ def _is_complete(folder: Path, payload: dict[str, object]) -> bool:
         return False
 
 
+def _is_older_build(folder: Path, payload: dict[str, object]) -> bool:
+    """A complete build of the same seed and spec by an older recipe: ours, stale, safe to replace."""
+    try:
+        found = json.loads((folder / _MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not isinstance(found, dict) or not isinstance(found.get("format_version"), int):
+        return False
+    same = {k: v for k, v in found.items() if k != "format_version"}
+    wanted = {k: v for k, v in payload.items() if k != "format_version"}
+    return same == wanted and found["format_version"] < _FORMAT_VERSION
+
+
 def build_tiny_model(
     folder: Path, *, seed: int = 0, overwrite: bool = False, spec: TinyModelSpec | None = None
 ) -> Path:
@@ -229,14 +301,16 @@ def build_tiny_model(
 
     Deterministic for a ``seed`` and ``spec``. A folder that already holds a complete build of the
     same seed and spec is reused as is. The build goes to a temp dir beside ``folder`` and is
-    renamed into place, so readers never see half a model. A folder holding anything else (another
-    seed, foreign files) is only replaced with ``overwrite=True``; otherwise ``FileExistsError``.
+    renamed into place, so readers never see half a model. A build of the same seed and spec by an
+    older recipe (``_FORMAT_VERSION``) is rebuilt. A folder holding anything else (another seed,
+    foreign files) is only replaced with ``overwrite=True``; otherwise ``FileExistsError``.
     """
     folder = Path(folder)
     spec = spec or TinyModelSpec()
     payload = _marker_payload(spec, seed)
     if _is_complete(folder, payload) and not overwrite:
         return folder
+    overwrite = overwrite or _is_older_build(folder, payload)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{folder} holds something other than a tiny model with seed={seed} and {spec}; "

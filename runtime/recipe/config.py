@@ -38,6 +38,8 @@ from envtune.runtime.engines.settings import (
 )
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config_io import ConfigError as ConfigError
+from envtune.runtime.recipe.sinks import MetricsConfig
+from envtune.runtime.recipe.trajectory_log import TrajectorySampling
 from envtune.runtime.rollout import RolloutConfig
 
 PRESETS = Path(__file__).parent / "presets"
@@ -88,7 +90,9 @@ class LoggingConfig:
     format: Literal["console", "json"] = "console"
     """Renderer of log events on stderr."""
     level: str = "info"
-    """Minimum log level."""
+    """Minimum log level on the terminal (``--verbose`` makes it debug, ``--quiet`` warning)."""
+    json_log: bool = True
+    """Also write every log event, values in full, to ``log.jsonl`` in the run folder (envtune-run)."""
 
 
 # --- the curriculum -------------------------------------------------------------------------------------
@@ -293,20 +297,18 @@ class RunConfig:
     """Checkpoint every this many learner steps (and always at the end or on Ctrl-C)."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept on disk (older ones are deleted)."""
-    sample_trajectories_every: int = 1
-    """Write decoded sample trajectories every this many learner steps (0 = never)."""
-    sample_trajectories_count: int = 2
-    """Trajectories written per sampled step."""
+    trajectories: TrajectorySampling = field(default_factory=TrajectorySampling)
+    """Which finished episodes go to ``trajectories.jsonl`` (a dataset: messages, tool calls, rewards)."""
     progress_bar: bool = True
-    """Show a progress line on stderr."""
+    """Show the progress display on stderr."""
     no_progress_timeout_s: float = 3600.0
     """Fail the run (non-zero exit, checkpoint, report) when no learner step completes for this
     long (0 = never): a run that cannot progress, e.g. an engine that stopped answering, says so
     instead of hanging. Generous by default: a step with validation may take many minutes on a GPU."""
 
     def __post_init__(self) -> None:
-        if self.max_steps < 0 or self.checkpoint_every < 0 or self.sample_trajectories_every < 0:
-            raise ValueError("max_steps, checkpoint_every and sample_trajectories_every must be >= 0")
+        if self.max_steps < 0 or self.checkpoint_every < 0:
+            raise ValueError("max_steps and checkpoint_every must be >= 0")
         if not self.no_progress_timeout_s >= 0:
             raise ValueError(f"no_progress_timeout_s must be >= 0, got {self.no_progress_timeout_s}")
         if self.keep_checkpoints < 1:
@@ -346,6 +348,8 @@ class Config:
     """The curriculum."""
     run: RunConfig = field(default_factory=RunConfig)
     """The run folder and budget."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Metric sinks: metrics.jsonl always, TensorBoard and W&B as chosen."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
     derived: Derived = field(init=False, repr=False, compare=False)
@@ -480,6 +484,9 @@ class ServerConfig:
     user of the machine can read it); when it is set, requests need ``Authorization: Bearer KEY``."""
     adapters: tuple[str, ...] = ()
     """LoRA adapters to load at start, as ``NAME=PATH``."""
+    served_model_name: str = ""
+    """The model id clients name (``model`` in OpenAI requests, ``/v1/models``); empty: ``model.path``
+    as given (SGLang's default), or ``tiny`` for the tiny local model."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -314,6 +314,28 @@ def load(cls: type[T], path: Path | None = None, overrides: Sequence[str] = ()) 
     return from_dict(cls, apply_overrides(cls, raw, overrides))
 
 
+def merge_tables(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` laid over ``base``: tables merge key by key, anything else (values, arrays, arrays of
+    tables such as ``curriculum.stages``) replaces what ``base`` had."""
+    merged = dict(base)
+    for key, value in layer.items():
+        below = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = merge_tables(below, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_layers(cls: type[T], paths: Sequence[Path], overrides: Sequence[str] = ()) -> T:
+    """A ``cls`` from TOML files laid over each other in order (a preset, then the user's file), then
+    ``overrides``, validated."""
+    raw: dict[str, Any] = {}
+    for path in paths:
+        raw = merge_tables(raw, read_toml(path))
+    return from_dict(cls, apply_overrides(cls, raw, overrides))
+
+
 def with_overrides(config: T, overrides: Sequence[str]) -> T:
     """``config`` with ``a.b.c=value`` overrides applied."""
     cls = type(config)

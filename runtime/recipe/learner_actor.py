@@ -4,10 +4,12 @@
 the scheduler count them (zero-variance groups dropped or kept by the stage's config), drops groups
 too stale to train (the rollout's one staleness rule), and every ``groups_per_step`` kept groups runs
 one learner step (in a thread), publishes the adapter, tells the rollout the new policy version,
-validates when due, closes the curriculum step (maybe a promotion), writes the step's metrics and
-sample trajectories, and checkpoints. Every group it receives ends trained or discarded with a
-``DropReason``, and a discarded group gives its admission slot back to the rollout's gate. When the
-curriculum or the step budget ends it sets ``done``.
+validates when due, closes the curriculum step (maybe a promotion), writes the step's metrics
+(through the run's metric sinks) and the episodes it received (the trajectory log: trained and
+discarded groups alike), checkpoints, and rewrites the report after a validation or a checkpoint.
+Every group it receives ends trained or discarded with a ``DropReason``, and a discarded group gives
+its admission slot back to the rollout's gate. When the curriculum or the step budget ends it sets
+``done``.
 
 Left out: building engines and the process around the run (``training.py``, ``cli``), the episode
 loop (``agents``), the learning rule (``optim``).
@@ -19,13 +21,12 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
-from envtune.agents.trajectory import Trajectory
 from envtune.optim.learner import PolicyLearner
 from envtune.runtime.actors import Actor, MailboxClosed
 from envtune.runtime.metrics import RateMeter
@@ -33,7 +34,10 @@ from envtune.runtime.recipe.config import RunConfig
 from envtune.runtime.recipe.curriculum import CurriculumScheduler, GroupOutcome
 from envtune.runtime.recipe.episodes import CurriculumTaskSource
 from envtune.runtime.recipe.learner_masks import BatchMasks
+from envtune.runtime.recipe.report import write_report
 from envtune.runtime.recipe.run_folder import RunFolder
+from envtune.runtime.recipe.sinks import MetricSinks
+from envtune.runtime.recipe.trajectory_log import EpisodeRecord, TrajectoryLog
 from envtune.runtime.records import DropReason, GroupsDiscarded, PolicyUpdated, TrajectoryGroup, is_stale
 from envtune.runtime.rollout import RolloutActor, RolloutConfig
 from envtune.runtime.weight_sync import AdapterPublisher
@@ -60,7 +64,10 @@ class LearnerActor(Actor[TrajectoryGroup]):
         rollout_config: RolloutConfig,
         run_config: RunConfig,
         *,
-        decode: Callable[[Sequence[int]], str],
+        sinks: MetricSinks,
+        trajectory_log: TrajectoryLog | None = None,
+        category_of: Callable[[str], str] = lambda task_id: "",
+        live_report: bool = True,
         validate: Callable[[], Awaitable[dict[str, float]]] | None = None,
         on_step: Callable[[Mapping[str, Any]], None] | None = None,
         masks: BatchMasks | None = None,
@@ -75,7 +82,11 @@ class LearnerActor(Actor[TrajectoryGroup]):
         self.folder = folder
         self.rollout_config = rollout_config
         self.run_config = run_config
-        self._decode = decode
+        self.sinks = sinks
+        self.trajectory_log = trajectory_log
+        self._category_of = category_of
+        self._live_report = live_report
+        self._to_log: list[EpisodeRecord] = []
         self._validate = validate
         self._on_step = on_step
         self._masks = masks
@@ -116,26 +127,42 @@ class LearnerActor(Actor[TrajectoryGroup]):
 
     async def _receive(self, group: TrajectoryGroup) -> None:
         if self.done.is_set():
-            await self._discard(1, DropReason.RUN_ENDING)  # nothing more is trained
+            await self._discard(group, DropReason.RUN_ENDING)  # nothing more is trained
             return
         if not group.trajectories:
-            await self._discard(1, DropReason.EMPTY)
+            await self._discard(group, DropReason.EMPTY)
             return
         verdict = self.scheduler.record_group(GroupOutcome.from_trajectories(group.trajectories))
         if not verdict.keep:
-            await self._discard(1, DropReason.ZERO_VARIANCE)
+            await self._discard(group, DropReason.ZERO_VARIANCE)
             return
         if is_stale(group.start_version, self.learner.policy_version, self.rollout_config.max_staleness):
-            await self._discard(1, DropReason.STALE)
+            await self._discard(group, DropReason.STALE)
             return
         self._batch.append(group)
         if len(self._batch) >= self.rollout_config.groups_per_step:
             batch, self._batch = self._batch, []
             await self._train_step(batch)
 
-    async def _discard(self, count: int, reason: DropReason) -> None:
-        self._discarded[reason] += count
-        await self._notify(GroupsDiscarded(count=count, reason=reason))
+    async def _discard(self, group: TrajectoryGroup, reason: DropReason) -> None:
+        self._log_groups([group], reason)
+        self._discarded[reason] += 1
+        await self._notify(GroupsDiscarded(count=1, reason=reason))
+
+    def _log_groups(self, groups: list[TrajectoryGroup], reason: DropReason | None) -> None:
+        """Queue the groups' episodes for the trajectory log (written at the end of the step)."""
+        if self.trajectory_log is None:
+            return
+        drop = reason.value if reason is not None else None
+        self._to_log.extend(
+            EpisodeRecord(t, self._category_of(t.task_id), drop) for g in groups for t in g.trajectories
+        )
+
+    async def _flush_trajectories(self) -> None:
+        if self.trajectory_log is not None and self._to_log:
+            records, self._to_log = self._to_log, []
+            # A thread: a paper-sized step is hundreds of episodes of JSON, too long to hold the loop.
+            await asyncio.to_thread(self.trajectory_log.write_step, self.step, records)
 
     async def _notify(self, message: PolicyUpdated | GroupsDiscarded) -> None:
         if self._rollout is None:
@@ -158,7 +185,9 @@ class LearnerActor(Actor[TrajectoryGroup]):
             log.warning("learner_step_not_applied", step=self.step + 1, reason=str(metrics.skip_reason))
             # The weights did not move, so the version did not either: these groups were consumed
             # without a step, and the gate must get their slots back or dispatch stalls for good.
-            await self._discard(len(batch), DropReason.NOT_TRAINED)
+            self._discarded[DropReason.NOT_TRAINED] += len(batch)
+            await self._notify(GroupsDiscarded(count=len(batch), reason=DropReason.NOT_TRAINED))
+        self._log_groups(batch, None if metrics.updated else DropReason.NOT_TRAINED)
         adapter = await self.publisher.publish(self.learner)
         await self._notify(PolicyUpdated(version=adapter.version))
         self.step += 1
@@ -186,17 +215,20 @@ class LearnerActor(Actor[TrajectoryGroup]):
             **summary.metrics,
             **validation,
         }
-        self.folder.append_metrics(record)
+        self.sinks.write_step(record)
         if summary.promotion is not None:
             record_event = summary.promotion.to_record()
             if summary.promotion.to_stage is not None:
                 # kl_reference = stage_start: the next stage is anchored to the policy it starts from.
                 snapshot = await asyncio.to_thread(self.learner.snapshot_reference)
                 record_event["kl_reference_version"] = self.learner.policy_version if snapshot else None
-            self.folder.append_metrics(record_event)
-        self._write_samples(trajectories)
+            self.sinks.write_event(record_event)
+        await self._flush_trajectories()
+        checkpointed = False
         if self.run_config.checkpoint_every and self.step % self.run_config.checkpoint_every == 0:
-            await self.checkpoint()
+            checkpointed = await self.checkpoint() is not None
+        if validation or checkpointed:
+            await self.refresh_report()
         if self._on_step is not None:
             self._on_step(record)
         if self.scheduler.finished:
@@ -219,35 +251,6 @@ class LearnerActor(Actor[TrajectoryGroup]):
             "rollout/tokens_saved_estimate": stats.tokens_saved_estimate,
         }
 
-    def _write_samples(self, trajectories: Sequence[Trajectory]) -> None:
-        every = self.run_config.sample_trajectories_every
-        if not every or self.step % every:
-            return
-        records = []
-        for t in trajectories[: self.run_config.sample_trajectories_count]:
-            first = t.loss_mask.index(True) if True in t.loss_mask else len(t.token_ids)
-            records.append(
-                {
-                    "step": self.step,
-                    "task_id": t.task_id,
-                    "group_id": t.group_id,
-                    "stage": t.stage,
-                    "start_version": t.start_version,
-                    "reward": t.reward,
-                    "progress": t.progress,
-                    "format_reward": t.format_reward,
-                    "tool_reward": t.tool_reward,
-                    "turn_passed": list(t.turn_passed),
-                    "step_codes": list(t.step_codes),
-                    "truncated": t.truncated,
-                    "prompt_tokens": first,
-                    "model_tokens": t.num_model_tokens,
-                    # The episode after the (long, tool-laden) system prompt, decoded for reading.
-                    "episode_text": self._decode(t.token_ids[first:]),
-                }
-            )
-        self.folder.append_trajectories(records)
-
     # --- checkpoints and stopping --------------------------------------------------------------------
 
     async def checkpoint(self) -> Path | None:
@@ -268,12 +271,28 @@ class LearnerActor(Actor[TrajectoryGroup]):
         self._last_checkpoint = self.step
         return path
 
+    async def refresh_report(self) -> None:
+        """Rewrite the run report from what ``metrics.jsonl`` holds now (a thread: plots take a moment).
+
+        A report that fails (a plotting bug, a full disk) is logged, never allowed to end the run."""
+        if not self._live_report:
+            return
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(write_report, self.folder)
+        except Exception as exc:  # the report is a view of the run, not part of it
+            log.warning("report_failed", error=repr(exc), step=self.step)
+            return
+        log.debug("report_refreshed", step=self.step, seconds=time.perf_counter() - started)
+
     async def on_stop(self, reason: str) -> None:
         """The queue is drained (partial batches are not trained); leave a checkpoint behind."""
         if self._batch:
             log.info("learner_partial_batch_dropped", groups=len(self._batch), step=self.step)
             self._discarded[DropReason.RUN_ENDING] += len(self._batch)
+            self._log_groups(self._batch, DropReason.RUN_ENDING)
             self._batch = []
+        await self._flush_trajectories()
         await self.checkpoint()
 
 

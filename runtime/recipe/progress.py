@@ -12,7 +12,8 @@ hand-written ``\\r`` progress line that every log line broke. Here:
 - Python warnings are captured into the log and shown once per (category, message): a deprecation
   warning raised every step appears once.
 - ``--verbose``/``--quiet`` map to the console level (debug / warning); the file keeps info and up
-  (debug with ``--verbose``).
+  (debug with ``--verbose``). ``logging.format = "json"`` renders the console as JSON lines too
+  (values whole), for log collectors.
 - ``RunProgress`` is the progress display: a bar with step/total, stage, reward, episodes/s, elapsed
   and remaining time, redrawn in place on a terminal; without a terminal (CI, a pipe) one short line
   per step instead.
@@ -126,7 +127,7 @@ def _short_time(logger: Any, method: str, event_dict: MutableMapping[str, Any]) 
 class _ConsoleHandler(logging.Handler):
     """Writes formatted records through a rich Console: above a live progress display when one runs."""
 
-    def __init__(self, console: Console, max_line_chars: int) -> None:
+    def __init__(self, console: Console, max_line_chars: int | None) -> None:
         super().__init__()
         self.console = console
         self.max_line_chars = max_line_chars
@@ -135,7 +136,7 @@ class _ConsoleHandler(logging.Handler):
         try:
             text = self.format(record)
             first, newline, rest = text.partition("\n")  # a traceback's lines are kept whole
-            if len(first) > self.max_line_chars:
+            if self.max_line_chars is not None and len(first) > self.max_line_chars:
                 first = f"{first[: self.max_line_chars]}…"
             self.console.print(Text(first + newline + rest), soft_wrap=True, highlight=False)
         except Exception:  # logging must never raise into the caller
@@ -146,44 +147,51 @@ class _ConsoleHandler(logging.Handler):
 
 
 def configure_logging(
-    level: ConsoleLevel = "info",
+    level: ConsoleLevel | str = "info",
     json_log_path: Path | None = None,
     *,
     console: Console | None = None,
     colors: bool | None = None,
+    fmt: Literal["console", "json"] = "console",
 ) -> Console:
     """Configure structlog and stdlib logging for the whole process; returns the console logs go to.
 
     Safe to call again (for instance once the run folder, and so ``json_log_path``, is known):
     handlers are replaced, not added. ``console`` defaults to rich's stderr console; pass the same one
-    to ``RunProgress``.
+    to ``RunProgress``. ``fmt="json"`` writes JSON lines (values whole, lines never cut) to the console.
     """
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}")
+    if fmt not in ("console", "json"):
+        raise ValueError(f"log format must be 'console' or 'json', got {fmt!r}")
     console = console or Console(stderr=True)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    console_handler = _ConsoleHandler(console, MAX_LINE_CHARS)
+    console_handler = _ConsoleHandler(console, MAX_LINE_CHARS if fmt == "console" else None)
     console_handler.name = _HANDLER_NAME
     console_handler.setLevel(numeric)
+    console_processors: list[Any] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        _short_time,
+        ShortValues(),
+        structlog.dev.ConsoleRenderer(
+            colors=console.is_terminal if colors is None else colors,
+            pad_event_to=24,
+            exception_formatter=structlog.dev.plain_traceback,
+        ),
+    ]
+    if fmt == "json":
+        console_processors = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(),
+        ]
     console_handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                _short_time,
-                ShortValues(),
-                structlog.dev.ConsoleRenderer(
-                    colors=console.is_terminal if colors is None else colors,
-                    pad_event_to=24,
-                    exception_formatter=structlog.dev.plain_traceback,
-                ),
-            ],
-        )
+        structlog.stdlib.ProcessorFormatter(foreign_pre_chain=shared, processors=console_processors)
     )
     handlers: list[logging.Handler] = [console_handler]
     file_level = min(numeric, logging.INFO)
@@ -210,7 +218,7 @@ def configure_logging(
             handler.close()
     for handler in handlers:
         root.addHandler(handler)
-    _adopt_library_stderr_handlers()
+    adopt_library_loggers()
     lowest = min(h.level for h in handlers)
     root.setLevel(lowest)
     structlog.configure(
@@ -223,24 +231,6 @@ def configure_logging(
     return console
 
 
-def _adopt_library_stderr_handlers() -> None:
-    """Libraries that print to stderr through their own handler (transformers does) are routed to the
-    root handlers instead: one formatted console line each, and a copy in the JSON file. Left alone,
-    such a logger prints unformatted, and twice once anything turns its propagation on."""
-    for logger in list(logging.Logger.manager.loggerDict.values()):
-        if not isinstance(logger, logging.Logger):
-            continue
-        own = [
-            h
-            for h in logger.handlers
-            if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)
-        ]
-        for handler in own:
-            logger.removeHandler(handler)
-        if own:
-            logger.propagate = True
-
-
 def _one_line_warning(
     message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
 ) -> str:
@@ -249,10 +239,52 @@ def _one_line_warning(
 
 
 def show_warnings_once() -> None:
-    """Capture Python warnings into the log (one line each), each (category, message) once per process."""
-    logging.captureWarnings(True)
+    """Capture Python warnings into the log (one line each), each (category, message) once per process.
+
+    ``simplefilter("once")`` alone is not enough: a library that installs its own filter ("default",
+    "always", inside ``catch_warnings``) takes precedence, so the repeats are dropped here as well, in
+    the ``showwarning`` hook every shown warning passes through.
+    """
+    logging.captureWarnings(True)  # warnings.showwarning now logs to "py.warnings"
     warnings.formatwarning = _one_line_warning
     warnings.simplefilter("once")
+    log_warning = warnings.showwarning
+    if getattr(log_warning, "_envtune_once", False):
+        return  # already installed (configure_logging is called again once the run folder exists)
+    seen: set[tuple[type[Warning], str]] = set()
+
+    def show_once(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        key = (category, str(message))
+        if key not in seen:
+            seen.add(key)
+            log_warning(message, category, filename, lineno, file, line)
+
+    show_once._envtune_once = True  # type: ignore[attr-defined]
+    warnings.showwarning = show_once
+
+
+def adopt_library_loggers() -> None:
+    """Route libraries' own stderr handlers (transformers installs one) through the configured
+    handlers instead: the same short console format, and into ``log.jsonl``; each line once, also when
+    something turned the library's propagation on (then it printed twice, once unformatted). Called
+    by ``configure_logging``, and again once the libraries are imported (a handler added later would
+    keep its own format)."""
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        streams = (sys.stderr, sys.__stderr__)
+        own = [h for h in logger.handlers if type(h) is logging.StreamHandler and h.stream in streams]
+        for handler in own:
+            logger.removeHandler(handler)
+        if own:
+            logger.propagate = True
 
 
 # --- the progress display ------------------------------------------------------------------------------

@@ -2,12 +2,18 @@
 
 Plots (each only when the run logged something for it): rewards (progress, format, tool-call,
 the trained-on reward, validation progress), the curriculum (stage and zero-variance share),
-throughput, staleness and learner health (loss, KL, entropy, gradient norm). Stage promotions are
-vertical lines on every plot. Metric names are matched by pattern, not a fixed list, so a metric a
-component adds later shows up without touching this file.
+throughput, staleness and learner health (losses, KLs, entropy, gradient norm, clip fractions).
+Series of different scales go on separate panels of one figure (small multiples), so a token count
+never flattens a loss. Stage promotions are vertical lines on every panel. Metric names are matched
+by pattern, not a fixed list, so a metric a component adds later shows up without touching this file.
 
-Left out: computing metrics (the run does), any interactivity. matplotlib runs on the Agg backend,
-chosen explicitly so a report never needs a display.
+The learner actor rewrites the report after every validation and checkpoint, so it is a live view
+of a running run; every file is replaced atomically (written beside, then renamed), so a reader never
+sees half a page or half a PNG.
+
+Left out: computing metrics (the run does), any interactivity. matplotlib is used through its
+object API on the Agg canvas (no pyplot state), so a report can be drawn from a worker thread and
+never needs a display.
 """
 
 from __future__ import annotations
@@ -23,14 +29,14 @@ from typing import Any
 
 import structlog
 from envtune.runtime.recipe.report_summary import headline, stage_reward_figure, warnings
-from envtune.runtime.recipe.run_folder import RunFolder
+from envtune.runtime.recipe.run_folder import RunFolder, atomic_write_text
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class PlotSpec:
-    """One figure: which metric keys go on it."""
+    """One figure: which metric keys go on it, and on which panel."""
 
     file_name: str
     """PNG file name inside ``report/``."""
@@ -40,6 +46,39 @@ class PlotSpec:
     """Predicate on a metric key."""
     ylabel: str = ""
     """Y-axis label."""
+    panel: Callable[[str], str] | None = None
+    """Panel title of a selected key (keys of one panel share a y-axis); None: one panel."""
+    panel_order: tuple[str, ...] = ()
+    """Panels listed here come first, in this order; the rest follow as first seen."""
+
+    def panels(self, keys: Sequence[str]) -> dict[str, list[str]]:
+        """The selected ``keys`` by panel."""
+        out: dict[str, list[str]] = {}
+        for key in keys:
+            if self.select(key):
+                out.setdefault(self.panel(key) if self.panel else self.title, []).append(key)
+        rank = {title: i for i, title in enumerate(self.panel_order)}
+        return dict(sorted(out.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
+def _learner_panel(key: str) -> str | None:
+    """Which learner-health panel a key belongs on (None: not a health metric)."""
+    name = key.rsplit("/", 1)[-1]
+    if name == "loss" or name.endswith("_loss"):  # not num_loss_tokens: a count, not a loss
+        return "loss"
+    if name == "kl" or name.startswith("kl_") or name.endswith("_kl"):
+        return "KL"
+    if name == "entropy":
+        return "entropy"
+    if name == "grad_norm":
+        return "gradient norm"
+    if name.endswith("clip_fraction"):
+        return "clip fraction"
+    return None
+
+
+def _rate_panel(key: str) -> str:
+    return "tokens / s" if "token" in key else "episodes / s" if "episode" in key else "per second"
 
 
 def _reward_key(key: str) -> bool:
@@ -60,22 +99,22 @@ PLOTS: tuple[PlotSpec, ...] = (
         "curriculum.png",
         "Curriculum: stage and zero-variance groups",
         lambda k: k in {"curriculum/stage", "train/zero_variance_share"},
+        panel=lambda k: "stage" if k == "curriculum/stage" else "zero-variance share",
     ),
     PlotSpec(
         "throughput.png",
         "Throughput",
         lambda k: "throughput" in k or "per_s" in k or k.endswith("_per_second"),
         "per second",
+        panel=_rate_panel,
     ),
     PlotSpec("staleness.png", "Staleness (policy versions behind)", lambda k: "staleness" in k, "versions"),
     PlotSpec(
         "learner.png",
         "Learner",
-        lambda k: (
-            k.startswith(("learner/", "optim/"))
-            and not k.rsplit("/", 1)[-1].startswith("num_")  # num_loss_tokens is a count, not a loss
-            and any(w in k for w in ("loss", "kl", "entropy", "grad_norm", "clip"))
-        ),
+        lambda k: k.startswith(("learner/", "optim/")) and _learner_panel(k) is not None,
+        panel=lambda k: _learner_panel(k) or "",
+        panel_order=("loss", "KL", "entropy", "gradient norm", "clip fraction"),
     ),
 )
 """The report's figures, in page order."""
@@ -113,44 +152,59 @@ def _numeric_keys(steps: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def _plot(
     spec: PlotSpec, steps: Sequence[Mapping[str, Any]], promotions: Sequence[Mapping[str, Any]], out: Path
-):
-    import matplotlib
+) -> Path | None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
-
-    keys = [k for k in _numeric_keys(steps) if spec.select(k)]
-    if not keys:
+    panels = spec.panels(_numeric_keys(steps))
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    try:
+    columns = 1 if len(panels) == 1 else 2
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(8 if columns == 1 else 10, 4 if rows == 1 else 2.6 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax, (title, keys) in zip(axes, panels.items(), strict=False):
         for key in keys:
             xs, ys = _series(steps, key)
             ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
         for promotion in promotions:
-            label = f"→ {promotion.get('to_name') or 'end'}"
             ax.axvline(promotion["step"], color="grey", linestyle="--", linewidth=1)
-            ax.annotate(
-                label,
-                (promotion["step"], 1),
-                xycoords=("data", "axes fraction"),
-                fontsize=7,
-                rotation=90,
-                va="top",
-                ha="right",
-                color="grey",
-            )
-        ax.set_title(spec.title)
-        ax.set_xlabel("learner step")
-        if spec.ylabel:
+        if len(panels) > 1:
+            ax.set_title(title, fontsize=9)
+        elif spec.ylabel:
             ax.set_ylabel(spec.ylabel)
+        ax.set_xlabel("learner step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = out / spec.file_name
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
+        ax.legend(fontsize=7, loc="upper left")  # "best" searches the data for a free spot
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    first = axes[0]
+    for promotion in promotions:  # once, on the first panel: the labels would crowd small ones
+        first.annotate(
+            f"→ {promotion.get('to_name') or 'end'}",
+            (promotion["step"], 0.98),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            rotation=90,
+            va="top",
+            ha="right",
+            color="grey",
+        )
+    fig.suptitle(spec.title)
+    # Fixed margins, not tight_layout(): that measures every text artist with extra draws and was
+    # half the report's CPU time, spent again at every validation and checkpoint of a live run.
+    one_row = rows == 1
+    fig.subplots_adjust(
+        left=0.08, right=0.98, bottom=0.1 if one_row else 0.07, top=0.9 if one_row else 0.93, hspace=0.45
+    )
+    path = out / spec.file_name
+    tmp = out / f".{spec.file_name}.tmp"
+    fig.savefig(tmp, format="png", pil_kwargs={"compress_level": 1})  # fast zlib: the page is local
+    tmp.replace(path)
     return path
 
 
@@ -175,7 +229,7 @@ def write_report(folder: RunFolder, title: str = "") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     steps, events = split_records(folder.read_metrics())
     promotions = [e for e in events if e.get("event") == "promotion"]
-    images = [p for spec in PLOTS if (p := _plot(spec, steps, promotions, out)) is not None]
+    images = [png for spec in PLOTS if (png := _plot(spec, steps, promotions, out)) is not None]
     stage_plot = stage_reward_figure(steps, promotions, out)
     images = [stage_plot, *images] if stage_plot is not None else images
     config_text = folder.config_path.read_text(encoding="utf-8") if folder.config_path.exists() else ""
@@ -238,6 +292,6 @@ def write_report(folder: RunFolder, title: str = "") -> Path:
         "</details></body></html>\n"
     )
     index = out / "index.html"
-    index.write_text("\n".join(parts), encoding="utf-8")
-    log.info("report_written", path=str(index), plots=[p.name for p in images])
+    atomic_write_text(index, "\n".join(parts))
+    log.debug("report_written", path=str(index), plots=[p.name for p in images])  # often, while live
     return index

@@ -24,13 +24,31 @@ import json
 import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 TENSORBOARD_DIR = "tensorboard"
 """Event files live in ``<run folder>/tensorboard/``."""
 WANDB_DIR = "wandb"
 """W&B's offline runs live in ``<run folder>/wandb/``."""
+
+
+SinkKind = Literal["tensorboard", "wandb"]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Where a run's metrics go (the config's ``metrics`` section); ``metrics.jsonl`` always."""
+
+    sinks: tuple[SinkKind, ...] = ("tensorboard",)
+    """Live sinks besides ``metrics.jsonl``: ``tensorboard`` (event files in ``<run>/tensorboard``;
+    ``tensorboard --logdir runs``) and/or ``wandb`` (needs ``pip install 'envtune[wandb]'``)."""
+    wandb_project: str = "envtune"
+    """W&B project name."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """``offline`` writes the W&B run under ``<run>/wandb`` without network (``wandb sync`` uploads
+    it later); ``online`` streams it."""
 
 
 class SinkUnavailable(RuntimeError):
@@ -292,3 +310,16 @@ def open_sinks(
             sink.close()
         raise
     return MetricSinks(JsonlSink(folder / "metrics.jsonl"), others)
+
+
+def open_run_sinks(run_folder: Path, metrics: MetricsConfig, config: Mapping[str, Any]) -> MetricSinks:
+    """A run's sinks as its ``metrics`` section names them, ``config`` (the whole run config as plain
+    data) attached to each; the run's folder name is the W&B run name."""
+    return open_sinks(
+        run_folder,
+        metrics.sinks,
+        config=config,
+        run_name=Path(run_folder).name,
+        wandb_project=metrics.wandb_project,
+        wandb_mode=metrics.wandb_mode,
+    )

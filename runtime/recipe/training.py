@@ -11,7 +11,8 @@ Left out: opening the engines and the process around the run (``envtune.runtime.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from envtune.agents.engine import Engine, WeightSync
 from envtune.agents.grammar import ConstraintCache
 from envtune.environments.episode import BfclEnvironment
 from envtune.runtime.metrics import MetricsRecorder
+from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import Config
 from envtune.runtime.recipe.curriculum import CurriculumScheduler
 from envtune.runtime.recipe.episodes import (
@@ -32,6 +34,8 @@ from envtune.runtime.recipe.episodes import (
 )
 from envtune.runtime.recipe.learner_actor import LearnerActor, restore
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder
+from envtune.runtime.recipe.sinks import MetricSinks, open_run_sinks
+from envtune.runtime.recipe.trajectory_log import SampleMode, TrajectoryLog
 from envtune.runtime.rollout import RolloutActor
 from envtune.runtime.supervisor import Supervisor
 from envtune.runtime.watchdog import NoProgressError, ProgressWatchdog
@@ -48,6 +52,19 @@ LEARNER_STOP_TIMEOUT_S = 3600.0
 """The learner may be mid-step (minutes on a GPU) when asked to stop: it gets this long to finish."""
 
 
+@contextlib.contextmanager
+def _own_sinks(config: Config, folder: RunFolder, sinks: MetricSinks | None) -> Iterator[MetricSinks]:
+    """The caller's sinks as they are, or the config's, opened here and closed on the way out."""
+    if sinks is not None:
+        yield sinks
+        return
+    own = open_run_sinks(folder.path, config.metrics, config_io.to_dict(config))
+    try:
+        yield own
+    finally:
+        own.close()
+
+
 async def train(
     config: Config,
     folder: RunFolder,
@@ -58,6 +75,7 @@ async def train(
     checkpoint: Checkpoint | None = None,
     stop: asyncio.Event | None = None,
     on_step: Callable[[Mapping[str, Any]], None] | None = None,
+    sinks: MetricSinks | None = None,
     env: EpisodeSource | None = None,
     scheduler: CurriculumScheduler | None = None,
     learner: PolicyLearner | None = None,
@@ -66,12 +84,47 @@ async def train(
     """Run the curriculum into ``folder`` until it ends, the step budget ends or ``stop`` is set.
 
     ``engine`` samples the episodes, ``weight_sync`` receives every published adapter (usually the
-    same SGLang client). ``learner``: the one to train (the sharded learner of a ``torchrun`` job,
-    built before the engines opened); None builds the single-process one here. Returns the number
-    of learner steps completed (including those before a resume). ``env``, ``scheduler`` and
-    ``wrap_learner`` replace parts for tests and benchmarks (a toy environment and its curriculum,
-    a control arm's learner); a run leaves them None.
+    same SGLang client). ``sinks`` receive the metrics (the caller keeps them open and closes them);
+    when None the config's sinks are opened and closed here. ``learner``: the one to train (the
+    sharded learner of a ``torchrun`` job, built before the engines opened); None builds the
+    single-process one here. Returns the number of learner steps completed (including those before
+    a resume). ``env``, ``scheduler`` and ``wrap_learner`` replace parts for tests and benchmarks (a
+    toy environment and its curriculum, a control arm's learner); a run leaves them None.
     """
+    with _own_sinks(config, folder, sinks) as run_sinks:
+        return await _train(
+            config,
+            folder,
+            engine,
+            weight_sync,
+            model_path,
+            checkpoint=checkpoint,
+            stop=stop,
+            on_step=on_step,
+            sinks=run_sinks,
+            env=env,
+            scheduler=scheduler,
+            learner=learner,
+            wrap_learner=wrap_learner,
+        )
+
+
+async def _train(
+    config: Config,
+    folder: RunFolder,
+    engine: Engine,
+    weight_sync: WeightSync,
+    model_path: Path,
+    *,
+    checkpoint: Checkpoint | None,
+    stop: asyncio.Event | None,
+    on_step: Callable[[Mapping[str, Any]], None] | None,
+    sinks: MetricSinks,
+    env: EpisodeSource | None,
+    scheduler: CurriculumScheduler | None,
+    learner: PolicyLearner | None,
+    wrap_learner: Callable[[Learner], Learner] | None,
+) -> int:
     from envtune.runtime.recipe.learner_setup import build_learner
     from transformers import AutoTokenizer
 
@@ -102,6 +155,12 @@ async def train(
         await publisher.publish(learner)
     constraints = ConstraintCache(options=config.grammar)
     concurrency = config.rollout.max_concurrent_episodes
+    sampling = config.run.trajectories
+    trajectory_log = (
+        TrajectoryLog(folder.trajectories_path, sampling, seed=config.run.seed)
+        if sampling.mode is not SampleMode.NONE
+        else None
+    )
     learner_actor = LearnerActor(
         learner,
         scheduler,
@@ -109,7 +168,9 @@ async def train(
         folder,
         config.rollout,
         config.run,
-        decode=lambda ids: str(tokenizer.decode(list(ids), skip_special_tokens=False)),
+        sinks=sinks,
+        trajectory_log=trajectory_log,
+        category_of=lambda task_id: task.category if (task := bfcl.tasks.get(task_id)) else "",
         validate=make_validator(
             scheduler,
             engine,
@@ -142,7 +203,7 @@ async def train(
         rollout,
         queue=learner_actor.mailbox.statistics,
         interval_s=METRICS_INTERVAL_S,
-        on_record=lambda r: folder.append_metrics(
+        on_record=lambda r: sinks.write_event(
             {"event": "runtime", "step": learner_actor.step, **r.as_dict()}
         ),
     )
