@@ -2,8 +2,8 @@
 
 It speaks SGLang's own ``/generate`` (``input_ids``, ``sampling_params``, ``return_logprob``,
 ``logprob_start_len: -1``, ``lora_path``) with field names exactly as SGLang 0.5.23 defines them
-(see ``shared/sglang.md``), so no text round trip ever re-tokenizes a trajectory. ``n`` samples come
-from one request: the server prefills the prompt once for the whole GRPO group.
+(SGLang's ``GenerateReqInput``), so no text round trip ever re-tokenizes a trajectory. ``n`` samples
+come from one request: the server prefills the prompt once for the whole GRPO group.
 
 Over several endpoints (data-parallel replicas) it balances by least outstanding requests and keeps
 episode affinity: requests with the same ``affinity_key`` go to the replica that served the key
