@@ -56,6 +56,17 @@ async def resolve_model_path(model: ModelConfig) -> Path:
     return await asyncio.to_thread(build_tiny_model, folder, seed=model.tiny_seed)
 
 
+def model_vocab_size(model_path: Path) -> int | None:
+    """The model's vocabulary size from its ``config.json`` (bounds the token ids a server may return)."""
+    import json
+
+    try:
+        value = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def sglang_launch_command(model_path: str, engine: EngineConfig, lora: LoraSettings) -> list[str]:
     """``python -m sglang.launch_server`` with LoRA enabled for the learner's adapters."""
     extra = list(engine.launch.extra_args)
@@ -110,6 +121,7 @@ async def open_engines(
     from envtune.runtime.engines.sglang_client import SGLangClient
 
     model_path = await resolve_model_path(model)
+    vocab_size = model_vocab_size(model_path)
     if engine.kind == "embedded":
         from envtune.runtime.engines.embedded import EmbeddedEngine
         from envtune.runtime.engines.sglang_server import SGLangProtocolServer
@@ -119,7 +131,7 @@ async def open_engines(
             server = SGLangProtocolServer(embedded)
             url = await server.start("127.0.0.1", 0)
             try:
-                async with SGLangClient(replace(engine.sglang, urls=(url,))) as client:
+                async with SGLangClient(replace(engine.sglang, urls=(url,)), vocab_size=vocab_size) as client:
                     yield EngineStack(client, model_path, f"embedded engine at {url}")
             finally:
                 await server.close()
@@ -127,7 +139,10 @@ async def open_engines(
             await embedded.close()
     elif engine.kind == "sglang":
         urls = engine.sglang.urls
-        async with SGLangClient(engine.sglang) as client:
+        async with SGLangClient(engine.sglang, vocab_size=vocab_size) as client:
+            # Servers still starting are waited for; none at all is one clear error, not a run
+            # that drops every episode.
+            await client.wait_ready()
             yield EngineStack(client, model_path, f"SGLang at {', '.join(urls)}")
     else:
         command = sglang_launch_command(str(model_path), engine, lora or LoraSettings())
@@ -136,7 +151,7 @@ async def open_engines(
         url = f"http://127.0.0.1:{engine.launch.port}"
         try:
             await _wait_healthy(url, process, engine.launch.timeout_s)
-            async with SGLangClient(replace(engine.sglang, urls=(url,))) as client:
+            async with SGLangClient(replace(engine.sglang, urls=(url,)), vocab_size=vocab_size) as client:
                 yield EngineStack(client, model_path, f"launched SGLang at {url}")
         finally:
             process.terminate()

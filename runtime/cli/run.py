@@ -13,15 +13,20 @@ What it does: resolve the config, create (or reopen) the run folder, open the en
 (``engine_stack.py``), run ``recipe.training.train`` under signal handlers, write the report.
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM ends the run cleanly: no new work, in-flight episodes are
-cancelled, a checkpoint of the last completed step is written, and the report is produced; a
-second Ctrl-C aborts at once. The run folder's path is the last line written to stdout; logs and
-the progress line go to stderr.
+cancelled, a checkpoint of the last completed step is written, the report is produced, and the
+process exits 130 (SIGINT) or 143 (SIGTERM); a second signal aborts at once, without a checkpoint
+(the last complete one is kept). A run that cannot go on (the engine is gone, the disk is full, the
+output folder is read-only) ends with one line saying what to do, the report, and exit code 1;
+bad arguments exit 2. The run folder's path is the last line written to stdout; logs and the
+progress line go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
 import sys
 import time
@@ -30,6 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from envtune.runtime.cli.exits import (
+    EXIT_FAILED,
+    SIGINT_EXIT,
+    describe_failure,
+    describe_os_error,
+    signal_exit_code,
+)
 from envtune.runtime.logs import configure_logging
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import (
@@ -170,63 +182,111 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunFolder | None, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``envtune-run``."""
+    """Entry point of ``envtune-run`` (exits non-zero on failure or a signal; see the module docstring)."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handlers are installed (imports, setup)
+        sys.stderr.write("envtune-run: interrupted\n")
+        code = SIGINT_EXIT
+    if code:
+        sys.exit(code)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"envtune-run: error: {message}\n")
+    sys.stderr.flush()
+    return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     if args.list_keys:
         for key, type_name, doc in config_io.describe_keys(Config):
             print(f"{key}  ({type_name})\n    {' '.join(doc.split())}")
-        return
+        return 0
     try:
         config, folder, checkpoint = resolve_config(args)
     except (ConfigError, RunFolderError) as exc:
         parser.error(str(exc))
     if args.print_config:
         sys.stdout.write(dump_config(config))
-        return
+        return 0
     configure_logging(config.logging.format, config.logging.level)
-    if folder is None:
-        folder = RunFolder.create(Path(config.run.out_dir), config.run.name)
-    else:
-        assert checkpoint is not None
-        folder.truncate_after(checkpoint.step)
-    folder.write_config(dump_config(config))
+    try:
+        if folder is None:
+            folder = RunFolder.create(Path(config.run.out_dir), config.run.name)
+        else:
+            assert checkpoint is not None
+            folder.truncate_after(checkpoint.step)
+        folder.write_config(dump_config(config))
+    except OSError as exc:  # read-only or full output folder: nothing was overwritten (atomic writes)
+        return _fail(describe_os_error(exc, config.run.out_dir))
     log.info("run_started", folder=str(folder.path), resume_step=checkpoint.step if checkpoint else None)
     progress = ProgressLine(
         config.derived.total_step_budget, config.derived.num_stages, config.run.progress_bar
     )
-    steps = asyncio.run(_main_async(config, folder, checkpoint, progress))
+    signals: list[int] = []
+    failure: str | None = None
+    steps = 0
+    try:
+        steps = asyncio.run(_main_async(config, folder, checkpoint, progress, signals))
+    except Exception as exc:
+        failure = describe_failure(exc, str(folder.path))
+        if failure is None:
+            raise  # a bug: keep its traceback
     progress.close()
-    from envtune.runtime.recipe.report import write_report
-
-    report = write_report(folder)
+    if failure is not None:
+        log.error("run_failed", folder=str(folder.path), error=failure)
+        with contextlib.suppress(OSError):
+            folder.append_metrics({"event": "run_failed", "step": steps, "error": failure})
+    report = _write_report_quietly(folder)
     log.info("run_finished", folder=str(folder.path), steps=steps, report=str(report))
     sys.stdout.write(f"{folder.path}\n")
     sys.stdout.flush()
+    if failure is not None:
+        return _fail(failure)
+    return signal_exit_code(signals[0]) if signals else 0
+
+
+def _write_report_quietly(folder: RunFolder) -> Path | None:
+    from envtune.runtime.recipe.report import write_report
+
+    try:
+        return write_report(folder)
+    except OSError as exc:  # a full disk must not hide the run's own error behind the report's
+        log.error("report_failed", error=describe_os_error(exc, str(folder.report_dir)))
+        return None
 
 
 async def _main_async(
-    config: Config, folder: RunFolder, checkpoint: Checkpoint | None, progress: ProgressLine
+    config: Config,
+    folder: RunFolder,
+    checkpoint: Checkpoint | None,
+    progress: ProgressLine,
+    signals: list[int],
 ) -> int:
     from envtune.runtime.cli.engine_stack import open_engines
     from envtune.runtime.recipe.training import train
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
 
-    def on_signal(signame: str) -> None:
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        name = signal.Signals(signum).name
         if not stop.is_set():
-            log.warning(
-                "stop_requested", signal=signame, hint="stopping with a checkpoint; Ctrl-C again aborts"
-            )
+            log.warning("stop_requested", signal=name, hint="stopping with a checkpoint; a second one aborts")
             stop.set()
-        else:
-            main_task.cancel()
+            return
+        # A second signal: the user wants out now. Threads (a learner step) cannot be interrupted,
+        # so leave at once; the checkpoints on disk are atomic, the last complete one is kept.
+        sys.stderr.write(f"envtune-run: second {name}: aborting now, without a checkpoint\n")
+        sys.stderr.flush()
+        os._exit(signal_exit_code(signum))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with open_engines(config.model, config.engine, config.learner.lora) as engines:
             log.info("engines_ready", engines=engines.description, model=str(engines.model_path))

@@ -28,7 +28,7 @@ from envtune.environments.episode import EVAL_MAX_STEPS_PER_TURN, EpisodeConfig
 from envtune.environments.tasks import CATEGORIES
 from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
 from envtune.optim.config import LearnerConfig
-from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
+from envtune.runtime.engines.settings import EmbeddedEngineConfig, ServerLimits, SGLangClientConfig
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config_io import ConfigError as ConfigError
 from envtune.runtime.rollout import RolloutConfig
@@ -415,8 +415,15 @@ class ServerConfig:
     api_key_env: str = "ENVTUNE_API_KEY"
     """Name of the environment variable holding the API key (never on the command line, where every
     user of the machine can read it); when it is set, requests need ``Authorization: Bearer KEY``."""
+    api_key_file: str = ""
+    """A file holding the API key (its first line), read when the variable is unset."""
+    admin_api_key_env: str = "ENVTUNE_ADMIN_API_KEY"
+    """Environment variable holding the admin key (SGLang's ``--admin-api-key``): when set, the control
+    endpoints (adapters, weights, cache) need it, and the API key alone no longer opens them."""
     adapters: tuple[str, ...] = ()
     """LoRA adapters to load at start, as ``NAME=PATH``."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Request sizes, connection limits and slow-client timeouts."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

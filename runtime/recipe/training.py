@@ -64,7 +64,8 @@ async def train(
 
     ``engine`` samples the episodes, ``weight_sync`` receives every published adapter (usually the
     same SGLang client). Returns the number of learner steps completed (including those before a
-    resume).
+    resume). Raises ``EngineUnavailable`` or ``WeightSyncError``, after an orderly stop with a
+    checkpoint, when the engines are gone.
     """
     from envtune.optim.learner import Learner
     from transformers import AutoTokenizer
@@ -133,12 +134,22 @@ async def train(
 
     async def until_done_or_stopped() -> None:
         async with asyncio.TaskGroup() as group:
-            waiters = {group.create_task(learner_actor.done.wait()), group.create_task(stop.wait())}
+            waiters = {
+                group.create_task(learner_actor.done.wait()),
+                group.create_task(stop.wait()),
+                group.create_task(rollout.failed.wait()),
+            }
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
-                waiter.cancel()  # the other one: a cancelled child ends the group quietly
+                waiter.cancel()  # the others: a cancelled child ends the group quietly
+        if rollout.engine_failure is not None:
+            learner_actor.finish("the engine is unavailable")
         if stop.is_set():
             learner_actor.finish("stop requested")
 
     await supervisor.run(until_done_or_stopped())
+    # The engines are gone: the run stopped in order (checkpoint written); now say why, once.
+    failure = rollout.engine_failure or learner_actor.failure
+    if failure is not None:
+        raise failure
     return learner_actor.step
