@@ -352,7 +352,9 @@ async def test_circuit_breaker_fails_fast_once_nothing_answers() -> None:
                 await client.generate(request)
             except EngineError as exc:
                 errors.append(exc)
-        assert all(type(e) is EngineError and e.retryable for e in errors[:-1])
+        # Nothing answers at all: a generate waits the outage out instead of giving up (and its
+        # episode being dropped), until the breaker says the engine is gone.
+        assert len(errors) == 1
         assert "outage_timeout_s" in str(errors[-1]) and client.statistics().unavailable
         # From now on every call fails at once, without touching the network.
         before = client.statistics().endpoints[0].failures

@@ -12,6 +12,8 @@ Left out: what the entry points do (``run.py``, ``evaluate.py``).
 from __future__ import annotations
 
 import errno
+import os
+import re
 import signal
 
 EXIT_FAILED = 1
@@ -49,6 +51,22 @@ def describe_os_error(error: OSError, where: str) -> str:
     return f"cannot write {target}: {error.strerror or error}"
 
 
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+"""Errors of writing that the user fixes (space, permissions), not bugs."""
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+"""How Rust writers (safetensors, tokenizers) report an OS error inside their own exception types."""
+
+
+def _as_os_error(error: BaseException) -> OSError | None:
+    if isinstance(error, OSError):
+        return error
+    match = _RUST_OS_ERROR.search(str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def describe_failure(error: BaseException, where: str) -> str | None:
     """The one line for a failure users can act on; None for anything else (a bug: keep the traceback).
 
@@ -59,15 +77,10 @@ def describe_failure(error: BaseException, where: str) -> str | None:
 
     for leaf in leaves(error):
         if isinstance(leaf, EngineError | WeightSyncError):
-            return f"{leaf} (the last complete checkpoint is kept: --resume continues from it)"
+            return str(leaf)
         if isinstance(leaf, FileNotFoundError) and "model.path" in str(leaf):
             return str(leaf)
-        if isinstance(leaf, OSError) and leaf.errno in (
-            errno.ENOSPC,
-            errno.EDQUOT,
-            errno.EACCES,
-            errno.EPERM,
-            errno.EROFS,
-        ):
-            return describe_os_error(leaf, where)
+        os_error = _as_os_error(leaf)
+        if os_error is not None and os_error.errno in _WRITE_ERRNOS:
+            return describe_os_error(os_error, where)
     return None

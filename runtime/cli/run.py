@@ -245,6 +245,9 @@ def _main(argv: Sequence[str] | None) -> int:
     sys.stdout.write(f"{folder.path}\n")
     sys.stdout.flush()
     if failure is not None:
+        with contextlib.suppress(OSError):
+            if (kept := folder.latest_complete_checkpoint()) is not None:
+                failure += f" (--resume {folder.path} continues from step {kept.step})"
         return _fail(failure)
     return signal_exit_code(signals[0]) if signals else 0
 

@@ -329,6 +329,7 @@ class EmbeddedEngine:
         finally:
             if not job.future.done():
                 job.cancelled.set()
+                job.future.add_done_callback(_retrieve)
 
     async def load_adapter(self, name: str, path: str, *, version: int) -> None:
         """Load a LoRA adapter (peft folder) under ``name``; returns its policy version."""

@@ -94,7 +94,8 @@ class SGLangClientConfig:
     control_timeout_s: float = 600.0
     """Timeout of weight-sync calls (loading weights can take a while)."""
     max_retries: int = 5
-    """Retries after the first attempt on 5xx, timeouts and dropped connections."""
+    """Retries after the first attempt on 5xx, timeouts, dropped connections and malformed answers.
+    While nothing answers at all (an outage) a request keeps waiting, up to ``outage_timeout_s``."""
     backoff_initial_s: float = 0.2
     """First retry delay; doubles each retry (with jitter) up to ``backoff_max_s``."""
     backoff_max_s: float = 10.0

@@ -67,6 +67,8 @@ LOGPROB_TOLERANCE = 1e-4
 anything larger is not a log-probability."""
 MAX_TOKEN_ID = (1 << 31) - 1
 """Largest token id taken when the vocabulary size is not known."""
+_GATEWAY_STATUSES = frozenset({408, 502, 503, 504})
+"""Statuses that say the engine is not there (a router or proxy in front of a restarting engine)."""
 _PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, LookupError, RecursionError)
 """What decoding and checking a response body may raise: a malformed response, retried."""
 
@@ -117,7 +119,16 @@ class _Endpoint:
 
 
 class _Retryable(Exception):
-    """One attempt failed in a way another attempt may fix."""
+    """One attempt failed in a way another attempt may fix.
+
+    ``outage``: nothing answered (no connection, a timeout, a gateway's 502/503/504): the engine may
+    be gone or restarting. Otherwise a server answered, badly (a 500, a malformed body): this
+    request's problem, not the engine's.
+    """
+
+    def __init__(self, message: str, *, outage: bool) -> None:
+        super().__init__(message)
+        self.outage = outage
 
 
 class _Refused(EngineError):
@@ -182,6 +193,7 @@ class SGLangClient:
         self._malformed = 0
         self._reloads = 0
         self._failing_since: float | None = None
+        self._last_answer = -math.inf
         self._unavailable: EngineUnavailable | None = None
         self._throttle = LogThrottle()
         self._rng = random.Random()
@@ -270,13 +282,14 @@ class SGLangClient:
         limit = self.config.max_response_bytes
         if response.content_length is not None and response.content_length > limit:
             raise _Retryable(
-                f"response of {response.content_length} bytes is over max_response_bytes ({limit})"
+                f"response of {response.content_length} bytes is over max_response_bytes ({limit})",
+                outage=False,
             )
         chunks, size = [], 0
         async for chunk in response.content.iter_chunked(1 << 16):
             size += len(chunk)
             if size > limit:
-                raise _Retryable(f"response body is over max_response_bytes ({limit})")
+                raise _Retryable(f"response body is over max_response_bytes ({limit})", outage=False)
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -300,9 +313,15 @@ class SGLangClient:
             raise EngineUnavailable(f"{where} is not a valid URL: {exc}") from None
         except (aiohttp.ClientError, TimeoutError, UnicodeError, LookupError, ValueError) as exc:
             # Connection errors, broken HTTP (ClientResponseError), bodies cut short, timeouts.
-            raise _Retryable(f"{type(exc).__name__} talking to {where}: {str(exc)[:300]}") from exc
+            # A response cut short or broken HTTP came from something that was there.
+            outage = isinstance(exc, aiohttp.ClientConnectionError | TimeoutError) and not isinstance(
+                exc, aiohttp.ClientPayloadError
+            )
+            message = f"{type(exc).__name__} talking to {where}: {str(exc)[:300]}"
+            raise _Retryable(message, outage=outage) from exc
         if status >= 500 or status in (408, 429):
-            raise _Retryable(f"HTTP {status} from {where}: {raw[:300].decode('utf-8', 'replace')}")
+            message = f"HTTP {status} from {where}: {raw[:300].decode('utf-8', 'replace')}"
+            raise _Retryable(message, outage=status in _GATEWAY_STATUSES)
         if status >= 400:
             text = raw.decode(charset, "replace") if _known_charset(charset) else raw.decode("latin-1")
             try:
@@ -321,10 +340,11 @@ class SGLangClient:
         except _PARSE_ERRORS as exc:
             # Undecodable, not JSON, or not what the contract promises: another attempt may do better.
             self._malformed += 1
-            raise _Retryable(f"malformed response from {where}: {str(exc)[:300]}") from exc
+            raise _Retryable(f"malformed response from {where}: {str(exc)[:300]}", outage=False) from exc
 
     def _note_alive(self) -> None:
         self._failing_since = None
+        self._last_answer = asyncio.get_running_loop().time()
 
     def _note_failure(self, error: str) -> None:
         """Trip the breaker once nothing has answered for ``outage_timeout_s`` (see the module docstring)."""
@@ -353,25 +373,36 @@ class SGLangClient:
     ) -> Any:
         """One call with retries; ``endpoint`` pins it (weight sync goes to every replica).
 
-        Retries are bounded by ``max_retries``, or with ``until_outage`` by the circuit breaker only.
+        A call gives up after ``max_retries`` failed retries. An attempt that failed while nothing
+        answered any call at all (an outage: the engine restarting) does not count: the call waits
+        until the engine is back or the circuit breaker declares it gone. ``until_outage`` calls
+        (weight sync) retry until the breaker decides, whatever the failures.
         """
         if self._unavailable is not None:
             raise self._unavailable
         timeout = aiohttp.ClientTimeout(
             total=timeout_s or self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
         )
+        loop = asyncio.get_running_loop()
         failed: _Endpoint | None = None
         last_error = ""
         attempt = 0
+        counted = 0
         while True:
             target = endpoint or self._pick(affinity_key, avoid=failed)
             target.outstanding += 1
+            sent = loop.time()
             try:
                 payload = await self._attempt(target, method, path, body, timeout, parse)
             except _Retryable as exc:
                 last_error = str(exc)
                 self._mark_failed(target)
-                self._note_failure(last_error)
+                if exc.outage:
+                    self._note_failure(last_error)
+                else:
+                    self._note_alive()
+                # Only failures while the engine was answering others use up the retries.
+                counted += not exc.outage or self._last_answer >= sent
                 failed = target
                 if (held := self._throttle.allow("attempt_failed")) is not None:
                     log.warning(
@@ -394,15 +425,13 @@ class SGLangClient:
                 target.outstanding -= 1
             if self._unavailable is not None:
                 raise self._unavailable
-            if not until_outage and attempt >= self.config.max_retries:
+            if counted > self.config.max_retries and not until_outage:
                 break
             attempt += 1
             self._retries += 1
             delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** min(attempt - 1, 30))
             await asyncio.sleep(delay * (0.5 + 0.5 * self._rng.random()))
-        raise EngineError(
-            f"{path} failed after {self.config.max_retries + 1} attempts: {last_error}", retryable=True
-        )
+        raise EngineError(f"{path} failed after {attempt + 1} attempts: {last_error}", retryable=True)
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
         """Wait until some replica answers ``/health`` (a start against servers still coming up);

@@ -218,6 +218,8 @@ class SGLangProtocolServer:
         origin = request.headers.get("Origin")
         if origin is not None and urlsplit(origin).netloc != request.host:
             return _json_response(f"requests from origin {origin[:100]!r} are not accepted", 403)
+        if request.content_length is not None and request.content_length > self.limits.max_body_bytes:
+            return _json_response(f"request body over {self.limits.max_body_bytes} bytes", 413)
         control = request.path in CONTROL_PATHS
         required = self.admin_api_key if control and self.admin_api_key else self.api_key
         if required and request.path not in _OPEN_PATHS:
