@@ -88,7 +88,16 @@ def free_port() -> int:
 
 def test_an_unreachable_engine_fails_fast_with_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    args = ["--model", str(tiny_model_dir), "--sglang", url, "--set", "engine.sglang.outage_timeout_s=3"]
+    preset = Path(__file__).resolve().parents[1] / "runtime" / "recipe" / "presets" / "cpu.toml"
+    args = [
+        str(preset),
+        "--model",
+        str(tiny_model_dir),
+        "--sglang",
+        url,
+        "--set",
+        "engine.sglang.outage_timeout_s=3",
+    ]
     code, out, err = run([*args, *SMOKE_ARGS], tmp_path, timeout=300)
     assert code == 1 and "Traceback" not in err, err[-3000:]
     [line] = error_lines(err)

@@ -190,3 +190,30 @@ def test_failures_read_as_one_line_and_signals_as_their_exit_codes() -> None:
     assert "no space left" in (describe_failure(ExceptionGroup("g", [rust]), "/runs/x") or "")
     assert describe_failure(ExceptionGroup("bug", [KeyError("x")]), "/r") is None  # a bug keeps its traceback
     assert (signal_exit_code(2), signal_exit_code(15)) == (130, 143)
+
+
+def test_published_adapter_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from envtune.runtime.weight_sync import AdapterPublisher
+
+    class Engine:
+        """A weight-sync target in another process: only an absolute path means the same folder."""
+
+        def __init__(self) -> None:
+            self.paths: list[str] = []
+
+        async def load_adapter(self, name: str, path: str, *, version: int) -> None:
+            self.paths.append(path)
+
+        async def unload_adapter(self, name: str) -> None: ...
+
+    class Source:
+        def save_adapter(self, folder: Path) -> int:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "adapter_config.json").write_text("{}")
+            return 1
+
+    monkeypatch.chdir(tmp_path)
+    engine = Engine()
+    adapter = asyncio.run(AdapterPublisher(Path("runs/x/adapters"), [engine]).publish(Source()))  # type: ignore[list-item]
+    assert Path(engine.paths[0]).is_absolute() and Path(engine.paths[0]) == tmp_path / "runs/x/adapters/v1"
+    assert adapter.path.is_absolute()

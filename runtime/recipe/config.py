@@ -321,6 +321,11 @@ def _validate_engine(model: ModelConfig, engine: EngineConfig) -> None:
 def _validate_run(config: Config) -> None:
     """Cross-section checks (each section checks itself while parsing)."""
     _validate_engine(config.model, config.engine)
+    if config.engine.kind == "embedded" and config.learner.lora.rank > config.engine.embedded.max_lora_rank:
+        raise ConfigError(
+            f"learner.lora.rank = {config.learner.lora.rank} is above engine.embedded.max_lora_rank = "
+            f"{config.engine.embedded.max_lora_rank}: the engine would refuse every adapter; raise the limit"
+        )
     sampling = config.sampling
     if sampling.temperature <= 0 or sampling.top_p < 1 or sampling.top_k > 0:
         # The learner recomputes logprobs of the full temperature-scaled distribution; a truncated
