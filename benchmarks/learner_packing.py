@@ -6,9 +6,8 @@ segments masked), with the same budget of computed positions per micro-batch, on
 model. Steps alternate between the arms so machine noise hits both alike. Reported: real (non-pad)
 tokens per second of each arm and their ratio. The last line of output is one JSON object.
 
-What the ratio contains: no compute on pad positions, Σ L² instead of rows × longest² attention,
-and (packed only) the LM head applied to the predicted positions alone (``logits_to_keep``), which
-right-padded rows with different positions per row cannot do.
+What the ratio contains: no compute on pad positions and Σ L² instead of rows × longest² attention.
+Both arms send only the predicted positions' hidden states through the LM head (``optim/logprobs.py``).
 
     python benchmarks/learner_packing.py --quick     # < ~60 s on 2 CPU cores
 """
