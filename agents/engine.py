@@ -9,6 +9,7 @@ below the runtime, in the standard library only.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -33,6 +34,10 @@ class Constraint:
     """The grammar text: EBNF, a JSON schema string, a structural-tag JSON string, or a regex."""
 
 
+MAX_SEED = (1 << 63) - 1
+"""Largest sampling seed: a 64-bit signed integer, what torch generators and SGLang take."""
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Sampling parameters, a subset of SGLang's ``SamplingParams`` with the same meaning."""
@@ -55,12 +60,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        # NaN passes every comparison, and an infinite temperature divides logits into NaN.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
 
 
 class FinishReason(enum.StrEnum):
@@ -111,6 +119,15 @@ class EngineError(RuntimeError):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class EngineUnavailable(EngineError):
+    """The engine is gone: nothing answered for longer than its client's outage limit, or it cannot
+    be reached at all (a bad URL). Unlike other ``EngineError``s it is not one episode's failure:
+    whoever runs many episodes stops the run with this error instead of dropping them one by one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 @runtime_checkable

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
@@ -31,7 +33,10 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
     if not isinstance(numeric_level, int):
         raise ValueError(f"unknown log level {level!r}")
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        # Plain tracebacks: rich's, with every frame's locals, turn one failure into kilobytes of log.
+        else structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
     )
     structlog.configure(
         processors=[
@@ -44,3 +49,26 @@ def configure_logging(fmt: LogFormat = "console", level: str = "info") -> None:
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
+
+
+class LogThrottle:
+    """At most one log line per key per ``interval_s``; the lines held back are counted.
+
+    A failure that hits every request at once (an engine outage under 1,000 concurrent episodes)
+    must read as a few lines saying how many, not as thousands of identical warnings.
+    """
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None when this line is held back; else how many lines of ``key`` were held back before it."""
+        now = self._clock()
+        if now < self._next.get(key, float("-inf")):
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._next[key] = now + self.interval_s
+        return self._held.pop(key, 0)

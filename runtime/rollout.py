@@ -26,6 +26,9 @@ flight, under which version) and read best together in this one module.
   await point.
 * **Shutdown.** On ``Stop``: dispatch ends, in-flight episodes get ``drain_timeout_s`` to finish,
   the rest are cancelled (dropped as ``cancelled``); finished groups are still emitted.
+* **An engine that is gone** (``EngineUnavailable``: its client's circuit breaker tripped) is not
+  one episode's failure: dispatch stops, ``engine_failure`` keeps the error and ``failed`` is set,
+  so the owner ends the run with it. Other engine errors are throttled to a line per interval.
 
 Left out: engine retries (the engine client owns them) and environment failures (the episode turns
 them into error observations). ``runtime.reference.run_synchronous_batches`` is the reference loop:
@@ -43,9 +46,10 @@ from types import MappingProxyType
 from typing import Any
 
 import structlog
-from envtune.agents.engine import EngineError
+from envtune.agents.engine import EngineError, EngineUnavailable
 from envtune.agents.trajectory import Trajectory
 from envtune.runtime.actors import Actor, ActorStatistics
+from envtune.runtime.logs import LogThrottle
 from envtune.runtime.records import (
     DropReason,
     EpisodeRunner,
@@ -260,6 +264,11 @@ class RolloutActor(Actor[RolloutMessage]):
         self._episode_seconds = 0.0
         """Summed duration of completed episodes (with ``_completed_runs``: the mean duration)."""
         self._completed_runs = 0
+        self._throttle = LogThrottle()
+        self.engine_failure: EngineUnavailable | None = None
+        """The error that ended dispatch because the engine is gone (None while it is there)."""
+        self.failed = asyncio.Event()
+        """Set with ``engine_failure``."""
 
     # -- public -------------------------------------------------------------------------------
 
@@ -424,11 +433,18 @@ class RolloutActor(Actor[RolloutMessage]):
             raise
         except TimeoutError:
             return DropReason.TIMEOUT
+        except EngineUnavailable as exc:
+            self._engine_lost(exc)
+            return DropReason.ENGINE_ERROR
         except EngineError as exc:
-            log.warning("rollout.engine_error", group_id=group.group_id, error=str(exc))
+            if (held := self._throttle.allow("engine_error")) is not None:
+                log.warning("rollout.engine_error", group_id=group.group_id, error=str(exc), held_back=held)
             return DropReason.ENGINE_ERROR
         except Exception as exc:  # a bad rollout is data: counted, logged, not a crash
-            log.warning("rollout.episode_failed", group_id=group.group_id, error=repr(exc))
+            if (held := self._throttle.allow("episode_failed")) is not None:
+                log.warning(
+                    "rollout.episode_failed", group_id=group.group_id, error=repr(exc), held_back=held
+                )
             return DropReason.EPISODE_ERROR
         if (
             not isinstance(trajectory, Trajectory)
@@ -441,6 +457,14 @@ class RolloutActor(Actor[RolloutMessage]):
         self._episode_seconds += asyncio.get_running_loop().time() - started
         self._completed_runs += 1
         return None
+
+    def _engine_lost(self, error: EngineUnavailable) -> None:
+        if self.engine_failure is None:
+            self.engine_failure = error
+            log.error("rollout.engine_unavailable", error=str(error))
+            if self._dispatcher is not None:
+                self._dispatcher.cancel()  # its task group ignores a cancelled child
+            self.failed.set()
 
     # -- groups ---------------------------------------------------------------------------------
 

@@ -85,7 +85,8 @@ class AdapterPublisher:
         *,
         keep_files: bool = False,
     ) -> None:
-        self._root = Path(root)
+        # Absolute: the engines resolve the path in their own working folder (another process).
+        self._root = Path(root).absolute()
         self._targets = tuple(targets)
         self._keep_files = keep_files
         self._current: PublishedAdapter | None = None

@@ -89,6 +89,18 @@ def _watcher(
     return watch
 
 
+def model_vocab_size(model_path: Path) -> int | None:
+    """The model's vocabulary size from its ``config.json`` (bounds the token ids a server may return)."""
+    import json
+
+    try:
+        value = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+
 def _log_dir() -> Path:
     """Where launched processes log when the caller named no folder (kept: logs explain failures)."""
     return Path(tempfile.mkdtemp(prefix="envtune-sglang-"))
@@ -122,6 +134,7 @@ async def open_engines(
     from envtune.runtime.engines.sglang_client import SGLangClient
 
     model_path = await resolve_model_path(model)
+    vocab_size = model_vocab_size(model_path)
     if engine.kind == "embedded":
         from envtune.runtime.engines.embedded import EmbeddedEngine
         from envtune.runtime.engines.sglang_server import SGLangProtocolServer
@@ -131,7 +144,7 @@ async def open_engines(
             server = SGLangProtocolServer(embedded)
             url = await server.start("127.0.0.1", 0)
             try:
-                async with SGLangClient(replace(engine.sglang, urls=(url,))) as client:
+                async with SGLangClient(replace(engine.sglang, urls=(url,)), vocab_size=vocab_size) as client:
                     yield EngineStack(client, model_path, f"embedded engine at {url}")
             finally:
                 await server.close()
@@ -141,7 +154,10 @@ async def open_engines(
         urls = engine.sglang.urls
         async with _router(engine, urls, log_dir) as router:
             settings = replace(engine.sglang, router_url=router.url) if router else engine.sglang
-            async with SGLangClient(settings) as client:
+            async with SGLangClient(settings, vocab_size=vocab_size) as client:
+                # Servers still starting are waited for; none at all is one clear error, not a run
+                # that drops every episode.
+                await client.wait_ready()
                 where = f" behind the router at {settings.router_url}" if settings.router_url else ""
                 description = f"SGLang at {', '.join(urls)}{where}"
                 yield EngineStack(client, model_path, description, _watcher(None, router))
@@ -155,7 +171,9 @@ async def open_engines(
         async with SGLangWorkers(launch) as workers, _router(engine, workers.urls, log_dir) as router:
             urls = tuple(workers.urls)
             settings = replace(engine.sglang, urls=urls, router_url=router.url if router else "")
-            async with SGLangClient(settings, admin_api_key=workers.admin_api_key) as client:
+            async with SGLangClient(
+                settings, admin_api_key=workers.admin_api_key, vocab_size=vocab_size
+            ) as client:
                 where = f" behind the router at {router.url}" if router else ""
                 yield EngineStack(
                     client,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
+from envtune.agents.engine import EngineUnavailable
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import ConfigError, EvalConfig
 from envtune.runtime.recipe.evaluation import EvalSummary, evaluate_tasks, select_tasks, summarize
@@ -117,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = asyncio.run(run_eval(config))
     except (ConfigError, FileNotFoundError) as exc:
         parser.exit(2, f"envtune-eval: error: {exc}\n")
+    except EngineUnavailable as exc:
+        parser.exit(1, f"envtune-eval: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "envtune-eval: interrupted\n")
     text = json.dumps(summary.to_json(include_results=not args.no_results), indent=1)
     if config.output:
         Path(config.output).write_text(text + "\n", encoding="utf-8")

@@ -66,9 +66,10 @@ def main_ranks(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
     resolve_config: Callable[[argparse.Namespace], tuple[Config, RunFolder | None, Checkpoint | None]],
-    run_training: Callable[[Config, RunFolder | None, Checkpoint | None, PolicyLearner], None],
-) -> None:
-    """One rank of ``envtune-run`` (see the module docstring); returns on ranks >= 1 after serving.
+    run_training: Callable[[Config, RunFolder | None, Checkpoint | None, PolicyLearner], int],
+) -> int:
+    """One rank of ``envtune-run`` (see the module docstring); returns the exit code: rank 0's run's,
+    0 on ranks >= 1 once they have served.
 
     ``resolve_config`` and ``run_training`` are ``run.py``'s (passed in: ``run`` imports this module).
     """
@@ -134,11 +135,12 @@ def main_ranks(
             signal.signal(signal.SIGTERM, previous)
         log.info("rank_done", rank=context.rank, commands=served)
         dist.destroy_process_group()
-        return
+        return 0
     learner = ShardedLearner(core)
     try:
-        run_training(config, folder, checkpoint, learner)
+        code = run_training(config, folder, checkpoint, learner)
     finally:
         learner.close()
         dist.destroy_process_group()
     sys.stdout.flush()
+    return code

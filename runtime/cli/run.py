@@ -19,18 +19,22 @@ stack (``engine_stack.py``; launched workers are watched: one that dies stops th
 run ``recipe.training.train`` under signal handlers, write the report.
 
 Stopping: Ctrl-C (SIGINT) or SIGTERM ends the run cleanly: no new work, in-flight episodes are
-cancelled, a checkpoint of the last completed step is written, and the report is produced; a
-second Ctrl-C aborts at once. The run folder's path is the last line written to stdout; logs and
-the progress display go to stderr (short lines, rounded numbers; ``-v``/``-q`` for more or less),
-every log event in full to ``log.jsonl`` in the run folder, metrics to ``metrics.jsonl`` and the
-configured sinks (TensorBoard by default). A run with no learner step for
-``run.no_progress_timeout_s`` fails: checkpoint, report, the reason on stderr, exit status 3.
+cancelled, a checkpoint of the last completed step is written, the report is produced, and the
+process exits 130 (SIGINT) or 143 (SIGTERM); a second signal aborts at once, without a checkpoint
+(the last complete one is kept). A run that cannot go on (the engine is gone, a launched worker
+died, the disk is full, the output folder is read-only) ends with one line saying what to do, the
+report, and exit code 1; a run with no learner step for ``run.no_progress_timeout_s`` ends with a
+checkpoint, the report, the reason, and exit code 3; bad arguments exit 2. The run folder's path is
+the last line written to stdout; logs and the progress display go to stderr (short lines, rounded
+numbers; ``-v``/``-q`` for more or less), every log event in full to ``log.jsonl`` in the run
+folder, metrics to ``metrics.jsonl`` and the configured sinks (TensorBoard by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -41,7 +45,14 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from envtune.optim.memory import MemoryBudgetError
 from envtune.runtime.cli.engine_stack import resolve_model_path
-from envtune.runtime.engines.sglang_launcher import LaunchError, WorkerDied
+from envtune.runtime.cli.exits import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    SIGINT_EXIT,
+    describe_failure,
+    describe_os_error,
+    signal_exit_code,
+)
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import (
     CPU_PRESET,
@@ -174,31 +185,50 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, RunFolder | None, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``envtune-run``."""
+    """Entry point of ``envtune-run`` (exits non-zero on failure or a signal; see the module docstring)."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handlers are installed (imports, setup)
+        sys.stderr.write("envtune-run: interrupted\n")
+        code = SIGINT_EXIT
+    if code:
+        sys.exit(code)
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"envtune-run: error: {message}\n")
+    sys.stderr.flush()
+    return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     if args.list_keys:
         for key, type_name, doc in config_io.describe_keys(Config):
             print(f"{key}  ({type_name})\n    {' '.join(doc.split())}")
-        return
+        return 0
     if under_torchrun() and not args.print_config:
         from envtune.runtime.cli.ranks import main_ranks
 
-        main_ranks(args, parser, resolve_config, run_training)  # the learner on every rank, the run on 0
-        return
+        # The learner on every rank, the run on rank 0 (its exit code).
+        return main_ranks(args, parser, resolve_config, run_training)
     try:
         config, folder, checkpoint = resolve_config(args)
     except (ConfigError, RunFolderError) as exc:
         parser.error(str(exc))
     if args.print_config:
         sys.stdout.write(dump_config(config))
-        return
+        return 0
     quiet_libraries()
     level = config.logging.level
     if args.verbose or args.quiet:
         level = console_level(verbose=args.verbose, quiet=args.quiet)
     console = configure_logging(level, fmt=config.logging.format)
-    model_path = asyncio.run(resolve_model_path(config.model))
+    try:
+        model_path = asyncio.run(resolve_model_path(config.model))
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
     try:
         import torch
 
@@ -208,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         parser.error(str(exc))
     except MemoryBudgetError as exc:
-        parser.exit(2, f"envtune-run: error: {exc}\n")
-    run_training(config, folder, checkpoint, console=console, level=level)
+        parser.exit(EXIT_USAGE, f"envtune-run: error: {exc}\n")
+    return run_training(config, folder, checkpoint, console=console, level=level)
 
 
 def run_training(
@@ -220,30 +250,37 @@ def run_training(
     *,
     console: Console | None = None,
     level: str | None = None,
-) -> None:
+) -> int:
     """Create (or reopen) the run folder, run the training, write the report; the folder's path is
-    the last line on stdout. ``learner``: the sharded learner on rank 0 of a ``torchrun`` job.
-    ``console`` and ``level``: the logging already configured (else configured here)."""
+    the last line on stdout. Returns the exit code (see the module docstring). ``learner``: the
+    sharded learner on rank 0 of a ``torchrun`` job. ``console`` and ``level``: the logging already
+    configured (else configured here)."""
+    from envtune.runtime.watchdog import NoProgressError
+
     level = level or config.logging.level
     if console is None:
         console = configure_logging(level, fmt=config.logging.format)
-    if folder is None:
-        folder = RunFolder.create(Path(config.run.out_dir), config.run.name)
-    else:
-        assert checkpoint is not None
-        folder.truncate_after(checkpoint.step)
-    if config.logging.json_log:
-        configure_logging(level, folder.path / LOG_FILE, console=console, fmt=config.logging.format)
-    folder.write_config(dump_config(config))
+    try:
+        if folder is None:
+            folder = RunFolder.create(Path(config.run.out_dir), config.run.name)
+        else:
+            assert checkpoint is not None
+            folder.truncate_after(checkpoint.step)
+        if config.logging.json_log:
+            configure_logging(level, folder.path / LOG_FILE, console=console, fmt=config.logging.format)
+        folder.write_config(dump_config(config))
+    except OSError as exc:  # read-only or full output folder: nothing was overwritten (atomic writes)
+        return _fail(describe_os_error(exc, config.run.out_dir))
     try:
         sinks = open_run_sinks(folder.path, config.metrics, config_io.to_dict(config))
     except (SinkUnavailable, ValueError) as exc:
         sys.stderr.write(f"envtune-run: error: {exc}\n")
-        raise SystemExit(2) from None
+        return EXIT_USAGE
     log.info("run_started", folder=str(folder.path), resume_step=checkpoint.step if checkpoint else None)
-    from envtune.runtime.watchdog import NoProgressError
-
-    failure: NoProgressError | None = None
+    signals: list[int] = []
+    failure: str | None = None
+    stalled: NoProgressError | None = None
+    steps = 0
     try:
         with RunProgress(
             config.derived.total_step_budget,
@@ -252,27 +289,34 @@ def run_training(
             enabled=config.run.progress_bar,
             start_step=checkpoint.step if checkpoint else 0,
         ) as progress:
-            steps = asyncio.run(_main_async(config, folder, checkpoint, sinks, progress.update, learner))
+            steps = asyncio.run(
+                _main_async(config, folder, checkpoint, sinks, progress.update, signals, learner)
+            )
     except NoProgressError as exc:  # checkpointed on the way out; the report says so too
-        failure, steps = exc, -1
-    except (LaunchError, WorkerDied) as exc:
-        # The engines failed (a worker died: the run stopped in order first): report, then say why.
-        from envtune.runtime.recipe.report import write_report
-
-        write_report(folder)
-        sys.stderr.write(f"envtune-run: error: {exc}\n{folder.path}\n")
-        raise SystemExit(1) from None
+        stalled = exc
+    except Exception as exc:
+        failure = describe_failure(exc, str(folder.path))
+        if failure is None:
+            raise  # a bug: keep its traceback
     finally:
         sinks.close()
-    from envtune.runtime.recipe.report import write_report
-
-    report = write_report(folder)
+    if failure is not None:
+        log.error("run_failed", folder=str(folder.path), error=failure)
+        with contextlib.suppress(OSError):
+            folder.append_metrics({"event": "run_failed", "step": steps, "error": failure})
+    report = _write_report_quietly(folder)
     log.info("run_finished", folder=str(folder.path), steps=steps, report=str(report))
     sys.stdout.write(f"{folder.path}\n")
     sys.stdout.flush()
+    if stalled is not None:
+        sys.stderr.write(f"envtune-run: the run failed: {stalled}\n  report: {report}\n")
+        return EXIT_NO_PROGRESS
     if failure is not None:
-        sys.stderr.write(f"envtune-run: the run failed: {failure}\n  report: {report}\n")
-        sys.exit(EXIT_NO_PROGRESS)
+        with contextlib.suppress(OSError):
+            if (kept := folder.latest_complete_checkpoint()) is not None:
+                failure += f" (--resume {folder.path} continues from step {kept.step})"
+        return _fail(failure)
+    return signal_exit_code(signals[0]) if signals else 0
 
 
 def quiet_libraries() -> None:
@@ -281,12 +325,23 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _write_report_quietly(folder: RunFolder) -> Path | None:
+    from envtune.runtime.recipe.report import write_report
+
+    try:
+        return write_report(folder)
+    except OSError as exc:  # a full disk must not hide the run's own error behind the report's
+        log.error("report_failed", error=describe_os_error(exc, str(folder.report_dir)))
+        return None
+
+
 async def _main_async(
     config: Config,
     folder: RunFolder,
     checkpoint: Checkpoint | None,
     sinks: MetricSinks,
     on_step: Callable[[Mapping[str, Any]], None],
+    signals: list[int],
     learner: PolicyLearner | None = None,
 ) -> int:
     from envtune.runtime.cli.engine_stack import open_engines, run_watched
@@ -294,20 +349,22 @@ async def _main_async(
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    main_task = asyncio.current_task()
-    assert main_task is not None
 
-    def on_signal(signame: str) -> None:
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        name = signal.Signals(signum).name
         if not stop.is_set():
-            log.warning(
-                "stop_requested", signal=signame, hint="stopping with a checkpoint; Ctrl-C again aborts"
-            )
+            log.warning("stop_requested", signal=name, hint="stopping with a checkpoint; a second one aborts")
             stop.set()
-        else:
-            main_task.cancel()
+            return
+        # A second signal: the user wants out now. Threads (a learner step) cannot be interrupted,
+        # so leave at once; the checkpoints on disk are atomic, the last complete one is kept.
+        sys.stderr.write(f"envtune-run: second {name}: aborting now, without a checkpoint\n")
+        sys.stderr.flush()
+        os._exit(signal_exit_code(signum))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig.name)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         async with open_engines(
             config.model, config.engine, config.learner.lora, log_dir=folder.path

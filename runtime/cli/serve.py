@@ -11,9 +11,10 @@ served as ``server.served_model_name`` (default: ``--model`` as given, or ``tiny
 are listed beside it and chosen with ``model=<adapter name>``.
 
 The config is ``ServeConfig`` (``--list-keys`` lists every key). The API key is read from the
-environment variable named by ``server.api_key_env``, never from the command line; without it
-``/v1/*`` answers OpenAI's 401 error object, the native paths SGLang's. Stops cleanly on
-SIGINT/SIGTERM.
+environment variable named by ``server.api_key_env`` or the file ``server.api_key_file``, never
+from the command line (``/proc/PID/cmdline`` is readable by every user); without it ``/v1/*``
+answers OpenAI's 401 error object, the native paths SGLang's. Stops cleanly on SIGINT/SIGTERM
+(exit 0: a server asked to stop has done its job).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
+from envtune.agents.engine import EngineError
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import ConfigError, ServeConfig
 from envtune.runtime.recipe.progress import (
@@ -69,6 +71,17 @@ def resolve_config(args: argparse.Namespace) -> ServeConfig:
     return config_io.load(ServeConfig, path, [*overrides, *args.overrides])
 
 
+def read_api_key(variable: str, path: str) -> str | None:
+    """The key in environment variable ``variable``, else the first line of file ``path``, else None."""
+    key = os.environ.get(variable) if variable else None
+    if not key and path:
+        try:
+            key = Path(path).read_text(encoding="utf-8").splitlines()[0].strip() if path else None
+        except (OSError, UnicodeDecodeError, IndexError) as exc:
+            raise ConfigError(f"server.api_key_file {path}: cannot read a key ({exc})") from None
+    return key or None
+
+
 async def serve(config: ServeConfig, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set."""
     from envtune.runtime.cli.engine_stack import resolve_model_path
@@ -83,9 +96,15 @@ async def serve(config: ServeConfig, stop: asyncio.Event) -> None:
         for version, spec in enumerate(config.server.adapters, start=1):
             name, _, path = spec.partition("=")
             await engine.load_adapter(name, path, version=version)
-        api_key = os.environ.get(config.server.api_key_env) or None
+        api_key = read_api_key(config.server.api_key_env, config.server.api_key_file)
         name = served_model_name(config)
-        server = SGLangProtocolServer(engine, api_key=api_key, served_model_name=name)
+        server = SGLangProtocolServer(
+            engine,
+            api_key=api_key,
+            admin_api_key=read_api_key(config.server.admin_api_key_env, ""),
+            served_model_name=name,
+            limits=config.server.limits,
+        )
         # Before start(): aiohttp freezes an application's routes when it starts serving. The engine's
         # own tokenizer renders the chat template, so prompts are the ids the engine expects.
         add_openai_routes(
@@ -137,7 +156,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         level = console_level(verbose=args.verbose, quiet=args.quiet)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read once, when transformers loads
     configure_logging(level, fmt=config.logging.format)
-    asyncio.run(_serve_until_signal(config))
+    try:
+        asyncio.run(_serve_until_signal(config))
+    except (ConfigError, EngineError, FileNotFoundError) as exc:
+        parser.exit(1, f"envtune-serve: error: {exc}\n")
+    except KeyboardInterrupt:  # before the handlers are installed
+        parser.exit(130, "envtune-serve: interrupted\n")
+    except OSError as exc:  # the port is taken, the address does not exist
+        where = f"{config.server.host}:{config.server.port}"
+        parser.exit(1, f"envtune-serve: error: cannot serve on {where}: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import queue
 import secrets
@@ -178,6 +179,12 @@ class _Part:
 _ANY = object()
 """No adapter chosen yet for the batch being formed."""
 
+_LORA_TENSORS = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"})
+"""The tensors of a peft LoRA adapter this engine loads (DoRA and other variants are refused)."""
+
+_GREEDY_TEMPERATURE = 1e-6
+"""Below this temperature sampling is greedy (SGLang's rule): logits divided by less overflow."""
+
 _CLOSE = object()
 """Inbox sentinel: the worker fails what is left and exits."""
 
@@ -189,6 +196,11 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
         future.set_exception(result)
     else:
         future.set_result(result)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
@@ -317,6 +329,7 @@ class EmbeddedEngine:
         finally:
             if not job.future.done():
                 job.cancelled.set()
+                job.future.add_done_callback(_retrieve)
 
     async def load_adapter(self, name: str, path: str, *, version: int) -> None:
         """Load a LoRA adapter (peft folder) under ``name``; returns its policy version."""
@@ -384,8 +397,8 @@ class EmbeddedEngine:
             return await asyncio.shield(job.future)
         except asyncio.CancelledError:
             job.cancelled.set()
-            # The worker fails the dropped job's future; nobody awaits it any more: retrieve it.
-            job.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            # The worker still settles the future ("request cancelled"): nobody waits for it now.
+            job.future.add_done_callback(_retrieve)
             raise
 
     async def _control(self, fn: Callable[[], Any]) -> Any:
@@ -468,6 +481,8 @@ class EmbeddedEngine:
 
         if name in self._adapter_versions:
             raise EngineError(f"adapter {name!r} is already loaded", retryable=False)
+        # Everything that can be checked is checked before peft allocates a single layer.
+        self._check_adapter_folder(name, Path(path))
         try:
             if self._peft is None:
                 self._peft = PeftModel.from_pretrained(
@@ -475,7 +490,10 @@ class EmbeddedEngine:
                 )
             else:
                 self._peft.load_adapter(path, adapter_name=name, is_trainable=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except Exception as exc:
+            # peft injects layers before it loads their weights: a load failing half way would
+            # leave them active in the base model (and their memory held). Take them out again.
+            self._discard_partial_adapter(name)
             raise EngineError(f"cannot load adapter {name!r} from {path}: {exc}", retryable=False) from exc
         self._peft.to(self.device).eval()
         self._active_adapter = None
@@ -483,6 +501,96 @@ class EmbeddedEngine:
         self._adapter_versions[name] = version
         self._version_high = max(self._version_high, version)
         log.debug("adapter_loaded", name=name, path=path, version=version)  # the publisher logs at info
+
+    def _check_adapter_folder(self, name: str, folder: Path) -> None:
+        """``EngineError`` unless ``folder`` holds a LoRA adapter this model can take: a local folder
+        (never a Hub id), a LoRA config with ranks within ``max_lora_rank``, and safetensors whose
+        every tensor has the shape its module needs (read from the file header, nothing loaded)."""
+
+        def refuse(why: str) -> EngineError:
+            return EngineError(f"cannot load adapter {name!r} from {folder}: {why}", retryable=False)
+
+        if not folder.is_dir():
+            raise refuse("not a folder on this machine (only local folders are loaded)")
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise refuse(f"unreadable adapter_config.json ({exc})") from None
+        if not isinstance(config, dict):
+            raise refuse("adapter_config.json is not a JSON object")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise refuse(f"peft_type {config.get('peft_type')!r} is not LORA")
+        limit = self.config.max_lora_rank
+        ranks = [config.get("r")]
+        pattern = config.get("rank_pattern") or {}
+        if not isinstance(pattern, dict):
+            raise refuse("rank_pattern is not an object")
+        ranks += list(pattern.values())
+        for rank in ranks:
+            if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= limit:
+                raise refuse(f"LoRA rank {rank!r} is not an integer in [1, {limit}] (max_lora_rank)")
+        targets = config.get("target_modules")
+        if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
+            raise refuse("target_modules is missing")
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_file():
+            self._check_adapter_shapes(weights, limit, refuse)
+        elif not (folder / "adapter_model.bin").is_file():
+            raise refuse("no adapter_model.safetensors")
+
+    def _check_adapter_shapes(
+        self, weights: Path, limit: int, refuse: Callable[[str], EngineError]
+    ) -> None:
+        from safetensors import safe_open
+
+        modules = dict(self._base.named_modules())
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises its own error types for a corrupt header
+            raise refuse(f"unreadable adapter_model.safetensors ({exc})") from None
+        for key, shape in shapes.items():
+            parts = key.removeprefix("base_model.model.").rsplit(".", 2)
+            if len(parts) != 3 or parts[2] != "weight" or parts[1] not in _LORA_TENSORS:
+                raise refuse(f"unsupported tensor {key!r}")
+            module = modules.get(parts[0])
+            module = getattr(module, "base_layer", module)
+            if module is None:
+                raise refuse(f"tensor {key!r} names no module of this model")
+            if isinstance(module, torch.nn.Embedding):
+                size_in, size_out = module.num_embeddings, module.embedding_dim
+            elif isinstance(module, torch.nn.Linear):
+                size_in, size_out = module.in_features, module.out_features
+            else:
+                raise refuse(f"tensor {key!r} targets a {type(module).__name__}, not a Linear or Embedding")
+            rank = shape[0] if parts[1].endswith("_A") else shape[-1]
+            expected = (rank, size_in) if parts[1].endswith("_A") else (size_out, rank)
+            if len(shape) != 2 or shape != expected or not 1 <= rank <= limit:
+                raise refuse(
+                    f"tensor {key!r} has shape {list(shape)}, expected {list(expected)} with rank <= {limit}"
+                )
+
+    def _discard_partial_adapter(self, name: str) -> None:
+        """Remove whatever a failed load of adapter ``name`` injected into the model."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self._peft is not None and name in getattr(self._peft, "peft_config", {}):
+            with contextlib.suppress(Exception):
+                self._peft.delete_adapter(name)
+        for parent in list(self._base.modules()):
+            for child_name, child in list(parent.named_children()):
+                if not isinstance(child, BaseTunerLayer):
+                    continue
+                if name in getattr(child, "lora_A", {}) or name in getattr(child, "lora_embedding_A", {}):
+                    with contextlib.suppress(Exception):
+                        child.delete_adapter(name)
+                if self._peft is None:  # no adapter was loaded before: restore the plain layer
+                    setattr(parent, child_name, child.get_base_layer())
+        if self._peft is None and hasattr(self._base, "peft_config"):
+            with contextlib.suppress(AttributeError):
+                del self._base.peft_config
+        self._active_adapter = None
+        gc.collect()
 
     def _do_unload_adapter(self, name: str) -> None:
         if name not in self._adapter_versions:
@@ -558,7 +666,7 @@ class EmbeddedEngine:
                     if self._rows:
                         self._decode_step()
             except Exception as exc:  # a broken step must not kill the engine: fail its jobs
-                log.exception("embedded_engine_step_failed")
+                log.error("embedded_engine_step_failed", error=repr(exc)[:500])
                 self._fail_rows(EngineError(f"engine step failed: {exc!r}", retryable=True))
 
     def _drain_inbox(self) -> bool:
@@ -625,7 +733,8 @@ class EmbeddedEngine:
             try:
                 part = self._prefill(job)
             except Exception as exc:  # one bad prefill fails its own job, not the batch
-                log.exception("embedded_engine_prefill_failed")
+                # One line, no traceback with locals: a bad request must not cost 64 KB of log.
+                log.error("embedded_engine_prefill_failed", error=repr(exc)[:500])
                 job.finish(EngineError(f"prefill failed: {exc!r}", retryable=True))
                 self._jobs_done += 1
                 continue
@@ -799,7 +908,7 @@ class EmbeddedEngine:
 
     def _sample_row(self, logits: torch.Tensor, row: _Row) -> tuple[int, float]:
         sampling = row.job.request.sampling
-        if sampling.temperature == 0:
+        if sampling.temperature < _GREEDY_TEMPERATURE:
             token = int(torch.argmax(logits))
             return token, float(torch.log_softmax(logits, dim=-1)[token])
         logprobs = torch.log_softmax(logits / sampling.temperature, dim=-1)

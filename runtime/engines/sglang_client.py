@@ -17,6 +17,20 @@ Versions: a completion's ``policy_version`` is the version of the adapter it nam
 -> N, or the version given to ``load_adapter``), else the server's ``meta_info.weight_version`` when
 it is an integer, else the base version this client last set with ``update_weights_from_disk``.
 
+Every response is checked before it becomes a ``Completion``: token ids are integers in the
+vocabulary, logprobs finite numbers <= 0 matching the ids one to one, ``index`` a permutation, counts
+integers, the body within ``max_response_bytes``. A response that fails the checks (or cannot be
+decoded, or breaks HTTP) is a failed attempt: retried, on another replica when there is one. Bad data
+never reaches a trajectory.
+
+Outages. A circuit breaker watches every attempt: once nothing has answered for
+``outage_timeout_s`` while attempts kept failing, the engine is declared gone and every call raises
+``EngineUnavailable`` at once (the run stops with that one error instead of dropping episodes one
+warning at a time). Weight-sync calls retry until then, so an engine restart is ridden out; a
+restarted server has lost its adapters, so a request refused with "not loaded" for an adapter this
+client loaded loads it again on that replica and is retried. An adapter load over several replicas
+is all or nothing. Repeated warnings are throttled (a count per interval).
+
 Aborts: every ``/generate`` carries a fresh ``rid``; when the caller cancels ``generate`` (the rollout
 dropping a group that aged out), the client sends SGLang's ``POST /abort_request {"rid": ...}`` to
 every replica (an unknown rid is a no-op there), so the server stops decoding for a caller that left.
@@ -34,23 +48,40 @@ spreading requests over the URLs it is given (SGLang's router does that at scale
 from __future__ import annotations
 
 import asyncio
+import codecs
 import collections
+import json
+import math
 import os
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
 from envtune.agents.engine import (
     Completion,
     EngineError,
+    EngineUnavailable,
     FinishReason,
     GenerateRequest,
 )
 from envtune.runtime.engines.settings import SGLangClientConfig
+from envtune.runtime.logs import LogThrottle
+
+T = TypeVar("T")
+
+LOGPROB_TOLERANCE = 1e-4
+"""A logprob may exceed 0 by this much (float rounding in a server's kernels) and is then read as 0;
+anything larger is not a log-probability."""
+MAX_TOKEN_ID = (1 << 31) - 1
+"""Largest token id taken when the vocabulary size is not known."""
+_GATEWAY_STATUSES = frozenset({408, 502, 503, 504})
+"""Statuses that say the engine is not there (a router or proxy in front of a restarting engine)."""
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, LookupError, RecursionError)
+"""What decoding and checking a response body may raise: a malformed response, retried."""
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +116,12 @@ class ClientStatistics:
     """Retries done since start."""
     affinity_keys: int
     """Affinity keys remembered."""
+    malformed_responses: int
+    """Responses refused by the checks (each a failed attempt)."""
+    adapter_reloads: int
+    """Adapters loaded again into a replica that had lost them (a restart)."""
+    unavailable: bool
+    """The circuit breaker has tripped: every call fails at once."""
     aborts: int = 0
     """Requests aborted (``/abort_request`` sent) because their caller cancelled them."""
 
@@ -99,18 +136,71 @@ class _Endpoint:
 
 
 class _Retryable(Exception):
-    """One attempt failed in a way another attempt may fix."""
+    """One attempt failed in a way another attempt may fix.
+
+    ``outage``: nothing answered (no connection, a timeout, a gateway's 502/503/504): the engine may
+    be gone or restarting. Otherwise a server answered, badly (a 500, a malformed body): this
+    request's problem, not the engine's.
+    """
+
+    def __init__(self, message: str, *, outage: bool) -> None:
+        super().__init__(message)
+        self.outage = outage
+
+
+class _Refused(EngineError):
+    """A replica answered a 4xx: not retried, but the caller may repair and ask again."""
+
+    def __init__(self, message: str, endpoint: _Endpoint) -> None:
+        super().__init__(message, retryable=False)
+        self.endpoint = endpoint
+
+
+class MalformedResponse(ValueError):
+    """A response that is not what SGLang's contract promises (checked before anything is used)."""
+
+
+def _known_charset(charset: str) -> bool:
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        return False
+    return True
+
+
+def _check_int(value: Any, what: str, low: int = 0, high: int | None = None) -> int:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise MalformedResponse(f"{what} is {str(value)[:40]!r}, not an integer {bound}")
+    return value
+
+
+def _check_logprob(value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise MalformedResponse(f"logprob {str(value)[:40]!r} is not a finite number")
+    if value > LOGPROB_TOLERANCE:
+        raise MalformedResponse(f"logprob {value} is positive")
+    return min(float(value), 0.0)
 
 
 class SGLangClient:
     """An ``Engine`` and ``WeightSync`` backed by SGLang servers over HTTP."""
 
-    def __init__(self, config: SGLangClientConfig, *, admin_api_key: str | None = None) -> None:
-        """``admin_api_key``: the workers' admin key (launched workers); else the one in the
-        environment variable ``config.admin_api_key_env``, if set."""
+    def __init__(
+        self, config: SGLangClientConfig, *, vocab_size: int | None = None, admin_api_key: str | None = None
+    ) -> None:
+        """``vocab_size`` (the model's) bounds the token ids a response may hold. ``admin_api_key``:
+        the workers' admin key (launched workers); else the one in the environment variable
+        ``config.admin_api_key_env``, if set."""
         if not config.urls:
             raise ValueError("the SGLang client needs at least one URL")
         self.config = config
+        self.vocab_size = vocab_size
         self._endpoints = [_Endpoint(url) for url in config.urls]
         self._router = _Endpoint(config.router_url) if config.router_url else None
         env_key = os.environ.get(config.admin_api_key_env) if config.admin_api_key_env else None
@@ -118,17 +208,29 @@ class SGLangClient:
         self._affinity: collections.OrderedDict[str, _Endpoint] = collections.OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._adapter_versions: dict[str, int] = {}
+        self._adapter_paths: dict[str, str] = {}
+        self._reload_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._reloaded_at: dict[tuple[str, str], float] = {}
         self._base_version = 0
         self._version_high = 0
         self._retries = 0
+        self._malformed = 0
+        self._reloads = 0
         self._aborts = 0
+        self._failing_since: float | None = None
+        self._last_answer = -math.inf
+        self._unavailable: EngineUnavailable | None = None
+        self._throttle = LogThrottle()
         self._rng = random.Random()
         self._tie_break = 0
 
     # --- session ------------------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        key = self.config.api_key
+        if not key and self.config.api_key_env:
+            key = os.environ.get(self.config.api_key_env) or None
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _control_headers(self) -> dict[str, str] | None:
         """The admin key on control calls (it replaces the API key there, as SGLang expects)."""
@@ -188,6 +290,9 @@ class SGLangClient:
             ),
             retries=self._retries,
             affinity_keys=len(self._affinity),
+            malformed_responses=self._malformed,
+            adapter_reloads=self._reloads,
+            unavailable=self._unavailable is not None,
             aborts=self._aborts,
         )
 
@@ -203,6 +308,21 @@ class SGLangClient:
                 return str(error)
         return fallback
 
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        limit = self.config.max_response_bytes
+        if response.content_length is not None and response.content_length > limit:
+            raise _Retryable(
+                f"response of {response.content_length} bytes is over max_response_bytes ({limit})",
+                outage=False,
+            )
+        chunks, size = [], 0
+        async for chunk in response.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise _Retryable(f"response body is over max_response_bytes ({limit})", outage=False)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _attempt(
         self,
         endpoint: _Endpoint,
@@ -210,28 +330,67 @@ class SGLangClient:
         path: str,
         body: Any,
         timeout: aiohttp.ClientTimeout,
+        parse: Callable[[Any], T],
         headers: dict[str, str] | None = None,
-    ) -> Any:
+    ) -> T:
         session = self._get_session()
-        url = endpoint.url + path
+        where = f"{endpoint.url}{path}"
         try:
-            async with session.request(method, url, json=body, timeout=timeout, headers=headers) as response:
-                text = await response.text()
-                try:
-                    payload: Any = await response.json(content_type=None) if text else None
-                except ValueError:
-                    payload = text
-                if response.status >= 500 or response.status in (408, 429):
-                    raise _Retryable(f"HTTP {response.status} from {endpoint.url}{path}: {text[:300]}")
-                if response.status >= 400:
-                    raise EngineError(
-                        f"HTTP {response.status} from {endpoint.url}{path}: "
-                        + self._error_message(payload, text),
-                        retryable=False,
-                    )
-                return payload
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            raise _Retryable(f"{type(exc).__name__} talking to {endpoint.url}{path}: {exc}") from exc
+            async with session.request(
+                method, endpoint.url + path, json=body, timeout=timeout, headers=headers
+            ) as response:
+                raw = await self._read_body(response)
+                status = response.status
+                charset = response.charset or "utf-8"
+        except aiohttp.InvalidURL as exc:
+            raise EngineUnavailable(f"{where} is not a valid URL: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError, UnicodeError, LookupError, ValueError) as exc:
+            # Connection errors, broken HTTP (ClientResponseError), bodies cut short, timeouts.
+            # A response cut short or broken HTTP came from something that was there.
+            outage = isinstance(exc, aiohttp.ClientConnectionError | TimeoutError) and not isinstance(
+                exc, aiohttp.ClientPayloadError
+            )
+            message = f"{type(exc).__name__} talking to {where}: {str(exc)[:300]}"
+            raise _Retryable(message, outage=outage) from exc
+        if status >= 500 or status in (408, 429):
+            message = f"HTTP {status} from {where}: {raw[:300].decode('utf-8', 'replace')}"
+            raise _Retryable(message, outage=status in _GATEWAY_STATUSES)
+        if status >= 400:
+            text = raw.decode(charset, "replace") if _known_charset(charset) else raw.decode("latin-1")
+            try:
+                payload: Any = json.loads(text)
+            except ValueError:
+                payload = text
+            message = self._error_message(payload, text[:300])
+            raise _Refused(f"HTTP {status} from {where}: {message}", endpoint)
+        try:
+            text = raw.decode(charset)
+            try:
+                payload = json.loads(text) if text else None
+            except ValueError:
+                payload = text  # control endpoints may answer plain text (SGLang's /flush_cache does)
+            return parse(payload)
+        except _PARSE_ERRORS as exc:
+            # Undecodable, not JSON, or not what the contract promises: another attempt may do better.
+            self._malformed += 1
+            raise _Retryable(f"malformed response from {where}: {str(exc)[:300]}", outage=False) from exc
+
+    def _note_alive(self) -> None:
+        self._failing_since = None
+        self._last_answer = asyncio.get_running_loop().time()
+
+    def _note_failure(self, error: str) -> None:
+        """Trip the breaker once nothing has answered for ``outage_timeout_s`` (see the module docstring)."""
+        now = asyncio.get_running_loop().time()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= self.config.outage_timeout_s and self._unavailable is None:
+            self._unavailable = EngineUnavailable(
+                f"no SGLang server at {', '.join(ep.url for ep in self._endpoints)} answered for "
+                f"{now - self._failing_since:.0f} s (engine.sglang.outage_timeout_s = "
+                f"{self.config.outage_timeout_s:g}); last error: {error[:300]}"
+            )
+            log.error("sglang_engine_unavailable", error=str(self._unavailable))
 
     async def _call(
         self,
@@ -242,41 +401,89 @@ class SGLangClient:
         affinity_key: str | None = None,
         endpoint: _Endpoint | None = None,
         timeout_s: float | None = None,
+        parse: Callable[[Any], Any] = lambda payload: payload,
+        until_outage: bool = False,
         headers: dict[str, str] | None = None,
     ) -> Any:
-        """One call with retries; ``endpoint`` pins it (weight sync goes to every replica)."""
+        """One call with retries; ``endpoint`` pins it (weight sync goes to every replica).
+
+        A call gives up after ``max_retries`` failed retries. An attempt that failed while nothing
+        answered any call at all (an outage: the engine restarting) does not count: the call waits
+        until the engine is back or the circuit breaker declares it gone. ``until_outage`` calls
+        (weight sync) retry until the breaker decides, whatever the failures.
+        """
+        if self._unavailable is not None:
+            raise self._unavailable
         timeout = aiohttp.ClientTimeout(
             total=timeout_s or self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
         )
+        loop = asyncio.get_running_loop()
         failed: _Endpoint | None = None
         last_error = ""
-        for attempt in range(self.config.max_retries + 1):
+        attempt = 0
+        counted = 0
+        while True:
             target = endpoint or self._pick(affinity_key, avoid=failed)
             target.outstanding += 1
+            sent = loop.time()
             try:
-                payload = await self._attempt(target, method, path, body, timeout, headers)
+                payload = await self._attempt(target, method, path, body, timeout, parse, headers)
             except _Retryable as exc:
                 last_error = str(exc)
                 self._mark_failed(target)
+                if exc.outage:
+                    self._note_failure(last_error)
+                else:
+                    self._note_alive()
+                # Only failures while the engine was answering others use up the retries.
+                counted += not exc.outage or self._last_answer >= sent
                 failed = target
-                log.warning(
-                    "sglang_attempt_failed", url=target.url, path=path, attempt=attempt, error=last_error
-                )
-            except EngineError:
+                if (held := self._throttle.allow("attempt_failed")) is not None:
+                    log.warning(
+                        "sglang_attempt_failed",
+                        url=target.url,
+                        path=path,
+                        attempt=attempt,
+                        error=last_error,
+                        similar_warnings_held_back=held,
+                    )
+            except _Refused:
                 target.failures += 1
+                self._note_alive()  # a 4xx is an answer: the server is there
                 raise
             else:
                 target.served += 1
+                self._note_alive()
                 return payload
             finally:
                 target.outstanding -= 1
-            if attempt < self.config.max_retries:
-                self._retries += 1
-                delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2**attempt)
-                await asyncio.sleep(delay * (0.5 + 0.5 * self._rng.random()))
-        raise EngineError(
-            f"{path} failed after {self.config.max_retries + 1} attempts: {last_error}", retryable=True
-        )
+            if self._unavailable is not None:
+                raise self._unavailable
+            if counted > self.config.max_retries and not until_outage:
+                break
+            attempt += 1
+            self._retries += 1
+            delay = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** min(attempt - 1, 30))
+            await asyncio.sleep(delay * (0.5 + 0.5 * self._rng.random()))
+        raise EngineError(f"{path} failed after {attempt + 1} attempts: {last_error}", retryable=True)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Wait until some replica answers ``/health`` (a start against servers still coming up);
+        ``EngineUnavailable`` with what to do after ``timeout_s`` (default ``outage_timeout_s``)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.outage_timeout_s if timeout_s is None else timeout_s)
+        while True:
+            health = await self.health()
+            if any(health.values()):
+                return
+            if loop.time() >= deadline:
+                raise EngineUnavailable(
+                    f"no SGLang server answers /health at {', '.join(health)}: start it, or fix "
+                    "engine.sglang.urls (--sglang)"
+                )
+            if (held := self._throttle.allow("waiting")) is not None:
+                log.info("sglang_waiting_for_servers", urls=list(health), held_back=held)
+            await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 
     # --- generation -------------------------------------------------------------------------------
 
@@ -319,60 +526,105 @@ class SGLangClient:
             if known is not None:
                 return known
         weight_version = meta.get("weight_version")
-        if isinstance(weight_version, str) and weight_version.isdigit():
+        # The server's own number only when it is one this client could have published: a version
+        # from nowhere must not mislabel the behaviour policy of a trajectory.
+        if (
+            isinstance(weight_version, str)
+            and weight_version.isascii()
+            and weight_version.isdigit()
+            and int(weight_version) <= self._version_high
+        ):
             return int(weight_version)
         return self._base_version
 
     def _completion(self, item: Any, request: GenerateRequest) -> Completion:
+        """One response item, checked field by field (``MalformedResponse`` on the first problem)."""
         if not isinstance(item, dict) or not isinstance(item.get("meta_info"), dict):
-            raise EngineError(f"malformed /generate response item: {str(item)[:300]}", retryable=False)
+            raise MalformedResponse(f"response item is not an object with meta_info: {str(item)[:200]}")
         meta = item["meta_info"]
         output_ids = item.get("output_ids")
         entries = meta.get("output_token_logprobs")
         if not isinstance(output_ids, list) or not isinstance(entries, list):
-            raise EngineError("/generate response lacks output_ids or output_token_logprobs", retryable=False)
-        if len(entries) != len(output_ids) or any(
-            entry[1] != token for entry, token in zip(entries, output_ids, strict=False)
-        ):
-            raise EngineError("output_token_logprobs do not match output_ids", retryable=False)
+            raise MalformedResponse("response lacks output_ids or output_token_logprobs")
+        if len(entries) != len(output_ids):
+            raise MalformedResponse(f"{len(output_ids)} output_ids but {len(entries)} logprobs")
+        if not output_ids:
+            raise MalformedResponse("response has no output tokens")
+        high = self.vocab_size - 1 if self.vocab_size is not None else MAX_TOKEN_ID
+        token_ids, logprobs = [], []
+        for token, entry in zip(output_ids, entries, strict=True):
+            token_ids.append(_check_int(token, "output token id", 0, high))
+            if not isinstance(entry, list | tuple) or len(entry) < 2:
+                raise MalformedResponse(f"logprob entry {str(entry)[:60]} is not [logprob, token_id, ...]")
+            if entry[1] != token or isinstance(entry[1], bool):
+                raise MalformedResponse("output_token_logprobs do not match output_ids")
+            logprobs.append(_check_logprob(entry[0]))
         finish = meta.get("finish_reason") or {}
         kind = finish.get("type") if isinstance(finish, dict) else None
         reason = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}.get(
-            kind or "", FinishReason.ABORT
+            kind if isinstance(kind, str) else "", FinishReason.ABORT
         )
-        if reason is FinishReason.ABORT:
-            log.warning("sglang_generation_aborted", finish_reason=finish)
+        if reason is FinishReason.ABORT and (held := self._throttle.allow("aborted")) is not None:
+            log.warning("sglang_generation_aborted", finish_reason=str(finish)[:200], held_back=held)
+        prompt_tokens = meta.get("prompt_tokens")
+        cached_tokens = meta.get("cached_tokens")
         return Completion(
-            token_ids=tuple(int(token) for token in output_ids),
-            logprobs=tuple(float(entry[0]) if entry[0] is not None else 0.0 for entry in entries),
+            token_ids=tuple(token_ids),
+            logprobs=tuple(logprobs),
             finish_reason=reason,
             policy_version=self._version_for(request.adapter, meta),
-            prompt_tokens=int(meta.get("prompt_tokens", len(request.prompt_ids))),
-            cached_tokens=int(meta.get("cached_tokens", 0)),
+            prompt_tokens=len(request.prompt_ids)
+            if prompt_tokens is None
+            else _check_int(prompt_tokens, "prompt_tokens"),
+            cached_tokens=0 if cached_tokens is None else _check_int(cached_tokens, "cached_tokens"),
         )
+
+    def _completions(self, payload: Any, request: GenerateRequest) -> list[Completion]:
+        """The ``n`` completions of a ``/generate`` response, in index order, all checked."""
+        n = request.sampling.n
+        items = payload if isinstance(payload, list) else [payload]
+        if len(items) != n:
+            raise MalformedResponse(f"{len(items)} completions for n={n}")
+        indexed = [isinstance(item, dict) and "index" in item for item in items]
+        if any(indexed):
+            indices = [item.get("index") if isinstance(item, dict) else None for item in items]
+            if not all(indexed) or sorted(_check_int(i, "index") for i in indices) != list(range(n)):
+                raise MalformedResponse(f"response indices {str(indices)[:100]} are not 0..{n - 1}")
+            items = sorted(items, key=lambda item: item["index"])
+        return [self._completion(item, request) for item in items]
 
     async def generate(self, request: GenerateRequest) -> Sequence[Completion]:
         """``request.sampling.n`` completions from one ``/generate`` call (aborted on cancellation)."""
         rid = uuid.uuid4().hex
         body = self.request_body(request, rid)
-        try:
-            if self._router is not None:
-                key = request.affinity_key
-                headers = {ROUTING_KEY_HEADER: key} if key is not None else None
-                payload = await self._call("/generate", body, endpoint=self._router, headers=headers)
-            else:
-                payload = await self._call("/generate", body, affinity_key=request.affinity_key)
-        except asyncio.CancelledError:
-            await self.abort(rid)
-            raise
-        items = payload if isinstance(payload, list) else [payload]
-        if len(items) != request.sampling.n:
-            raise EngineError(
-                f"/generate returned {len(items)} completions for n={request.sampling.n}", retryable=False
-            )
-        if all(isinstance(item, dict) and "index" in item for item in items):
-            items = sorted(items, key=lambda item: item["index"])
-        return [self._completion(item, request) for item in items]
+        key = request.affinity_key
+        # Behind the router: it picks the worker, by the key in the header (None: the client picks).
+        headers = {ROUTING_KEY_HEADER: key} if key is not None and self._router is not None else None
+        for repaired in (False, True):
+            try:
+                completions: list[Completion] = await self._call(
+                    "/generate",
+                    body,
+                    affinity_key=key,
+                    parse=lambda payload: self._completions(payload, request),
+                    endpoint=self._router,
+                    headers=headers,
+                )
+                return completions
+            except asyncio.CancelledError:
+                await self.abort(rid)
+                raise
+            except _Refused as exc:
+                path = self._adapter_paths.get(request.adapter or "")
+                if repaired or path is None or "not loaded" not in str(exc):
+                    raise EngineError(str(exc), retryable=False) from None
+                # The replica lost an adapter this client loaded (it restarted): load it again
+                # (behind the router, which replica answered is unknown: every worker).
+                seen = asyncio.get_running_loop().time()
+                replicas = [exc.endpoint] if self._router is None else self._endpoints
+                for replica in replicas:
+                    await self._reload_adapter(replica, request.adapter or "", path, seen)
+        raise AssertionError("unreachable")
 
     async def abort(self, rid: str) -> None:
         """SGLang's ``/abort_request`` for ``rid`` on every replica: one attempt each, bounded by the
@@ -381,14 +633,38 @@ class SGLangClient:
 
         async def one(endpoint: _Endpoint) -> None:
             try:
-                await self._attempt(endpoint, "POST", "/abort_request", {"rid": rid}, timeout)
-            except (_Retryable, EngineError) as exc:
+                await self._attempt(endpoint, "POST", "/abort_request", {"rid": rid}, timeout, lambda p: p)
+            except (_Retryable, _Refused, EngineError) as exc:
                 log.warning("sglang_abort_failed", url=endpoint.url, rid=rid, error=str(exc))
 
         self._aborts += 1
         async with asyncio.TaskGroup() as group:
             for endpoint in self._endpoints:
                 group.create_task(one(endpoint))
+
+    async def _reload_adapter(self, endpoint: _Endpoint, name: str, path: str, seen: float) -> None:
+        """Load ``name`` into ``endpoint`` again, unless another request did since ``seen``."""
+        key = (endpoint.url, name)
+        lock = self._reload_locks.setdefault(key, asyncio.Lock())
+        async with lock:  # one reload per replica and adapter, however many requests noticed
+            if self._reloaded_at.get(key, -math.inf) >= seen:
+                return
+            try:
+                await self._call(
+                    "/load_lora_adapter",
+                    {"lora_name": name, "lora_path": path, "pinned": False},
+                    endpoint=endpoint,
+                    timeout_s=self.config.control_timeout_s,
+                    until_outage=True,
+                    headers=self._control_headers(),
+                )
+            except _Refused as exc:
+                if "already loaded" not in str(exc):
+                    raise EngineError(f"reloading adapter {name!r} failed: {exc}", retryable=False) from None
+            else:
+                self._reloads += 1
+                log.info("sglang_adapter_reloaded", url=endpoint.url, name=name)
+            self._reloaded_at[key] = asyncio.get_running_loop().time()
 
     # --- health and weight sync ------------------------------------------------------------------
 
@@ -412,28 +688,37 @@ class SGLangClient:
             tasks = {ep.url: group.create_task(probe(ep)) for ep in self._endpoints}
         return {url: task.result() for url, task in tasks.items()}
 
-    async def _on_every_replica(self, path: str, body: Any, method: str = "POST") -> list[Any]:
-        errors: list[EngineError] = []
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(
-                        self._call(
-                            path,
-                            body,
-                            method=method,
-                            endpoint=ep,
-                            timeout_s=self.config.control_timeout_s,
-                            headers=self._control_headers(),
-                        )
-                    )
-                    for ep in self._endpoints
-                ]
-        except* EngineError as group_error:
-            errors.extend(group_error.exceptions)  # type: ignore[arg-type]
-        if errors:
-            raise errors[0]
+    async def _each_replica(self, fn: Callable[[_Endpoint], Any]) -> list[Any]:
+        """``fn(endpoint)`` on every replica at once, each to its end (one failing does not cancel
+        the others); results in replica order, a failure as its ``EngineError``."""
+
+        async def one(endpoint: _Endpoint) -> Any:
+            try:
+                return await fn(endpoint)
+            except EngineError as exc:
+                return exc
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(ep)) for ep in self._endpoints]
         return [task.result() for task in tasks]
+
+    async def _control(self, endpoint: _Endpoint, path: str, body: Any) -> Any:
+        """A weight-sync call: retried until the circuit breaker gives up (rides out a restart)."""
+        return await self._call(
+            path,
+            body,
+            endpoint=endpoint,
+            timeout_s=self.config.control_timeout_s,
+            until_outage=True,
+            headers=self._control_headers(),
+        )
+
+    async def _on_every_replica(self, path: str, body: Any) -> list[Any]:
+        results = await self._each_replica(lambda ep: self._control(ep, path, body))
+        for result in results:
+            if isinstance(result, EngineError):
+                raise result
+        return results
 
     @property
     def policy_version(self) -> int:
@@ -441,18 +726,61 @@ class SGLangClient:
         return self._version_high
 
     async def load_adapter(self, name: str, path: str, *, version: int) -> None:
-        """``/load_lora_adapter`` on every replica. SGLang's API carries no version, so the client
-        keeps the name -> version map that completions are stamped from."""
-        await self._on_every_replica(
-            "/load_lora_adapter", {"lora_name": name, "lora_path": str(path), "pinned": False}
-        )
+        """``/load_lora_adapter`` on every replica, all or nothing: when one refuses, the replicas
+        that took it unload it again. SGLang's API carries no version, so the client keeps the
+        name -> version map that completions are stamped from."""
+        body = {"lora_name": name, "lora_path": str(path), "pinned": False}
+
+        async def load(endpoint: _Endpoint) -> None:
+            try:
+                await self._control(endpoint, "/load_lora_adapter", body)
+            except _Refused as exc:
+                if "already loaded" not in str(exc):
+                    raise
+                # Left behind by an earlier attempt whose undo failed: replace it, the path may differ.
+                await self._control(endpoint, "/unload_lora_adapter", {"lora_name": name})
+                await self._control(endpoint, "/load_lora_adapter", body)
+
+        results = await self._each_replica(load)
+        failures = [r for r in results if isinstance(r, EngineError)]
+        if failures:
+            for endpoint, result in zip(self._endpoints, results, strict=True):
+                if not isinstance(result, EngineError):
+                    await self._unload_quietly(endpoint, name)
+            raise failures[0]
         self._adapter_versions[name] = version
+        self._adapter_paths[name] = str(path)
         self._version_high = max(self._version_high, version)
 
+    async def _unload_quietly(self, endpoint: _Endpoint, name: str) -> None:
+        try:
+            await self._call(
+                "/unload_lora_adapter",
+                {"lora_name": name},
+                endpoint=endpoint,
+                timeout_s=self.config.control_timeout_s,
+            )
+        except EngineError as exc:
+            log.warning("sglang_adapter_undo_failed", url=endpoint.url, name=name, error=str(exc)[:300])
+
     async def unload_adapter(self, name: str) -> None:
-        """``/unload_lora_adapter`` on every replica."""
-        await self._on_every_replica("/unload_lora_adapter", {"lora_name": name})
+        """``/unload_lora_adapter`` on every replica (forgotten here even if one refuses)."""
         self._adapter_versions.pop(name, None)
+        self._adapter_paths.pop(name, None)
+        for key in [key for key in self._reload_locks if key[1] == name]:
+            del self._reload_locks[key]
+            self._reloaded_at.pop(key, None)
+
+        async def unload(endpoint: _Endpoint) -> None:
+            try:
+                await self._control(endpoint, "/unload_lora_adapter", {"lora_name": name})
+            except _Refused as exc:
+                if "not loaded" not in str(exc):  # a restarted replica has nothing to unload
+                    raise
+
+        for result in await self._each_replica(unload):
+            if isinstance(result, EngineError):
+                raise result
 
     async def update_weights_from_disk(self, path: str, *, version: int) -> None:
         """``/update_weights_from_disk`` on every replica (SGLang's ``weight_version`` = ``version``)."""

@@ -11,15 +11,20 @@ The decoder itself is a test-only judge (downloaded by ``make setup``), never im
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from envtune.agents.engine import Constraint, ConstraintKind, SamplingParams
+from envtune.agents.engine import MAX_SEED, Constraint, ConstraintKind, SamplingParams
 
 _TOP_K_DISABLED = 1 << 30
 """SGLang's ``top_k`` default, meaning "no top-k"."""
+
+_GREEDY_TEMPERATURE = 1e-6
+"""Below this temperature SGLang samples greedily (its ``_SAMPLING_EPS``); dividing logits by a
+smaller number overflows them to infinity."""
 
 
 class ContractError(ValueError):
@@ -222,6 +227,18 @@ def parse_sampling_params(value: Any) -> SamplingRequest:
     if top_k == 0 or top_k < -1:
         raise ContractError(f"top_k must be -1 (disabled) or at least 1, got {top_k}.")
     temperature = decoded.get("temperature")
+    # Deterministic input errors are refused here, as HTTP 400, before they cost the engine a
+    # prefill and come back as a retryable failure (Python's JSON reader accepts NaN and Infinity).
+    for key in ("temperature", "top_p"):
+        if decoded.get(key) is not None and not math.isfinite(decoded[key]):
+            raise ContractError(f"{key} must be a finite number, got {decoded[key]}")
+    if temperature is not None and temperature < 0:
+        raise ContractError(f"temperature must be >= 0, got {temperature}")
+    if temperature is not None and temperature < _GREEDY_TEMPERATURE:
+        temperature = 0.0
+    seed = decoded.get("sampling_seed")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ContractError(f"sampling_seed must be in [0, {MAX_SEED}], got {seed}")
     try:
         params = SamplingParams(
             max_new_tokens=128 if decoded.get("max_new_tokens") is None else decoded["max_new_tokens"],
@@ -325,8 +342,40 @@ def _per_item(value: Any, count: int, name: str) -> list[Any]:
     return [value] * count
 
 
-def parse_generate(body: Any, encode: Callable[[str], list[int]]) -> ParsedGenerate:
-    """Validate a ``/generate`` body (``encode`` tokenizes ``text``); raises ``ContractError``."""
+def _check_text(text: str, max_chars: int | None) -> str:
+    if max_chars is not None and len(text) > max_chars:
+        raise ContractError(
+            f"text has {len(text)} characters, more than this server takes ({max_chars}: the model "
+            "context times the characters a token may hold); send input_ids or a shorter text"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ContractError(f"text is not valid Unicode: {exc.reason} at character {exc.start}") from None
+    return text
+
+
+def parse_generate(
+    body: Any,
+    encode: Callable[[str], list[int]],
+    *,
+    max_samples: int | None = None,
+    max_text_chars: int | None = None,
+) -> ParsedGenerate:
+    """Validate a ``/generate`` body (``encode`` tokenizes ``text``); raises ``ContractError``.
+
+    ``max_samples`` caps prompts times ``n`` (what the request costs in rows); ``max_text_chars``
+    caps each ``text`` before it is tokenized. Both are checked before any work is done.
+    """
+    try:
+        return _parse_generate(body, encode, max_samples, max_text_chars)
+    except RecursionError:
+        raise ContractError("request body is nested too deeply") from None
+
+
+def _parse_generate(
+    body: Any, encode: Callable[[str], list[int]], max_samples: int | None, max_text_chars: int | None
+) -> ParsedGenerate:
     fields = expect_map(body, "struct GenerateRequest")
     for key, check in _IGNORED_FIELDS.items():
         if fields.get(key) is not None:
@@ -348,16 +397,27 @@ def parse_generate(body: Any, encode: Callable[[str], list[int]]) -> ParsedGener
     else:
         texts = _one_or_list(expect_str)(text)
         batched = isinstance(texts, list)
-        prompts = [tuple(encode(item)) for item in (texts if batched else [texts])]
+        text_list = [_check_text(item, max_text_chars) for item in (texts if batched else [texts])]
+        if max_samples is not None and len(text_list) > max_samples:
+            raise ContractError(f"{len(text_list)} prompts in one request; at most {max_samples}")
+        prompts = [tuple(encode(item)) for item in text_list]
     count = len(prompts)
     if count == 0:
         raise ContractError("input_ids is an empty batch")
+    if max_samples is not None and count > max_samples:
+        raise ContractError(f"{count} prompts in one request; at most {max_samples}")
     raw_sampling = fields.get("sampling_params")
     if raw_sampling is None:
         raw_sampling = {}
     elif not isinstance(raw_sampling, list):
         expect_map(raw_sampling, "a value or an array of values for SamplingParamsOrList")
     sampling = [parse_sampling_params(item) for item in _per_item(raw_sampling, count, "sampling_params")]
+    samples = sum(item.params.n for item in sampling)
+    if max_samples is not None and samples > max_samples:
+        raise ContractError(
+            f"the request asks for {samples} sequences (prompts x n); this server takes at most "
+            f"{max_samples} per request: split it"
+        )
     return_logprob_raw = fields.get("return_logprob")
     return_logprob_each = [
         bool(item)

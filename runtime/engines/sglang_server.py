@@ -15,16 +15,33 @@ wants ``Authorization: Bearer KEY``.
 ``meta_info.weight_version`` is the policy version that produced each response (as a string).
 SGLang's ``/load_lora_adapter`` carries no version: the server numbers adapters in load order
 (after the highest version so far); a client that tracks policy versions (``SGLangClient``) keeps its
-own map from adapter name to version. Left out: the console script (``envtune.runtime.cli.serve``).
+own map from adapter name to version.
+
+Hardening (every refusal is a 4xx with a message; the process and its other clients carry on):
+request bodies are capped (413) and must arrive within a deadline (408); a ``text`` longer than the
+context could hold is refused before it is tokenized, and tokenizing and parsing run off the event
+loop; one request asks for at most ``max_samples_per_request`` sequences (400) and a full queue
+answers 503; a client that disconnects cancels its generation (streaming or not); connections are
+limited and idle ones time out (``http_guard.py``); control endpoints (adapters, weights, cache) take
+only JSON bodies and local folders, never Hub ids, and with ``admin_api_key`` only that key; requests a
+browser sends cross-site (``Origin``/``Sec-Fetch-Site``) are refused (403), so a web page cannot
+drive a server on localhost; API keys are compared in constant time. Left out: the console script
+(``envtune.runtime.cli.serve``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
+import contextlib
+import hmac
 import json
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import web
@@ -36,7 +53,9 @@ from envtune.agents.engine import (
     SamplingParams,
 )
 from envtune.runtime.engines.embedded import EmbeddedEngine
+from envtune.runtime.engines.http_guard import ConnectionGuard, read_body
 from envtune.runtime.engines.openai_protocol import OpenAIError
+from envtune.runtime.engines.settings import ServerLimits
 from envtune.runtime.engines.sglang_protocol import (
     ContractError,
     ParsedGenerate,
@@ -51,6 +70,23 @@ log = structlog.get_logger(__name__)
 SERVER_VERSION = "envtune-embedded-0.1 (SGLang 0.5.23 HTTP contract)"
 """What ``/server_info`` reports as ``version``."""
 
+CONTROL_PATHS = frozenset(
+    {"/load_lora_adapter", "/unload_lora_adapter", "/update_weights_from_disk", "/flush_cache"}
+)
+"""Endpoints that change the server's state (weights, adapters, cache)."""
+_OPEN_PATHS = frozenset({"/health", "/health_generate"})
+"""Endpoints that need no API key (as in SGLang: probes must work without it)."""
+_THREADED_JSON_BYTES = 1 << 20
+"""Bodies at least this big are parsed in a thread, off the event loop."""
+
+
+def _json_response(message: str, status: int) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _is_json_type(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
 # --- the server ------------------------------------------------------------------------------
 
 
@@ -64,6 +100,20 @@ def _finish_json(completion: Completion, sampling: SamplingParams) -> dict[str, 
             return {"type": "abort", "message": "generation aborted"}
 
 
+def _local_folder_problem(path: str, field: str, marker: str) -> str | None:
+    """Why ``path`` is not a local folder holding ``marker`` (None when it is). Only local folders:
+    a name that is not one would otherwise be taken for a Hugging Face Hub id and fetched."""
+    try:
+        folder = Path(path)
+        if not folder.is_dir():
+            return f"{field} {path[:300]!r} is not a folder on this server (only local folders are loaded)"
+        if not (folder / marker).is_file():
+            return f"{field} {path[:300]!r} has no {marker}"
+    except (OSError, ValueError) as exc:  # a lone surrogate, a NUL byte, a name too long
+        return f"{field} is not a usable path: {exc}"
+    return None
+
+
 class SGLangProtocolServer:
     """An aiohttp application serving an ``EmbeddedEngine`` with SGLang's HTTP API."""
 
@@ -72,14 +122,24 @@ class SGLangProtocolServer:
         engine: EmbeddedEngine,
         *,
         api_key: str | None = None,
+        admin_api_key: str | None = None,
         served_model_name: str | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.engine = engine
         self.api_key = api_key
+        self.admin_api_key = admin_api_key
         self.served_model_name = served_model_name or str(engine.model_path)
         self.tool_call_parser: str | None = None
         """Reported by ``/model_info``; set by whoever mounts a tool-calling API (``envtune-serve``)."""
-        self.app = web.Application(middlewares=[self._auth_middleware], client_max_size=64 * 1024 * 1024)
+        self.limits = limits or ServerLimits()
+        self.guard = ConnectionGuard(self.limits)
+        # Rust tokenizers are not meant to be shared by threads: one encode at a time, off the loop.
+        self._tokenizer_lock = threading.Lock()
+        self.app = web.Application(
+            middlewares=[self.guard.middleware, self._safety_middleware],
+            client_max_size=self.limits.max_body_bytes,
+        )
         routes = [
             web.post("/generate", self._generate),
             web.put("/generate", self._generate),
@@ -108,11 +168,17 @@ class SGLangProtocolServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen (port 0 picks a free one); returns the base URL."""
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler, and with it the
+        # engine job, instead of leaving it generating for nobody.
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=self.limits.idle_timeout_s,
+        )
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.host, self.port = host, int(self._runner.addresses[0][1])
-        log.info("sglang_protocol_server_started", url=self.url)
+        self.host, self.port = host, await self.guard.listen(self._runner, host, port)
+        log.info("sglang_protocol_server_started", url=self.url, connection_limit=self.guard.limit)
         return self.url
 
     @property
@@ -122,6 +188,7 @@ class SGLangProtocolServer:
 
     async def close(self) -> None:
         """Stop listening (the engine is the caller's to close)."""
+        await self.guard.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -137,26 +204,86 @@ class SGLangProtocolServer:
     # --- middleware and helpers ---------------------------------------------------------------
 
     @web.middleware
-    async def _auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if (
-            self.api_key
-            and request.path not in ("/health", "/health_generate")
-            and request.headers.get("Authorization", "") != f"Bearer {self.api_key}"
-        ):
-            if request.path.startswith("/v1/"):  # the OpenAI routes' clients expect OpenAI's error object
-                return OpenAIError(
-                    401, "Incorrect API key provided.", code="invalid_api_key"
-                ).response()
-            return web.json_response({"error": "Unauthorized"}, status=401)
-        response: web.StreamResponse = await handler(request)
+    async def _safety_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        try:
+            response: web.StreamResponse = await handler(request)
+        except (web.HTTPException, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug must cost one request, not the server or a 64 KB log
+            log.error("http_handler_failed", path=request.path, error=repr(exc)[:500])
+            return web.json_response(
+                {"error": {"message": f"internal error ({type(exc).__name__})"}}, status=500
+            )
         return response
 
-    @staticmethod
-    async def _json_body(request: web.Request) -> Any:
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """Why ``request`` is refused before its handler runs (cross-site, key, content type)."""
+        # A browser marks requests a web page sends to another site; other clients send neither.
+        if request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin"):
+            return _json_response("cross-site requests are not accepted", 403)
+        origin = request.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != request.host:
+            return _json_response(f"requests from origin {origin[:100]!r} are not accepted", 403)
+        if request.content_length is not None and request.content_length > self.limits.max_body_bytes:
+            return _json_response(f"request body over {self.limits.max_body_bytes} bytes", 413)
+        control = request.path in CONTROL_PATHS
+        required = self.admin_api_key if control and self.admin_api_key else self.api_key
+        if required and request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, f"Bearer {required}".encode()):
+                if request.path.startswith("/v1/"):  # the OpenAI routes' clients expect OpenAI's error
+                    return OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key").response()
+                return _json_response("Unauthorized", 401)
+        if request.method in ("POST", "PUT") and request.content_length != 0:
+            declared = request.headers.get("Content-Type")
+            # Browsers send text/plain and forms cross-site without a preflight: control endpoints
+            # take JSON only (as SGLang's typed endpoints do); /generate also takes an unlabelled body.
+            if not (_is_json_type(request.content_type) or (declared is None and not control)):
+                return _json_response(
+                    f"{request.path} takes a JSON body (Content-Type: application/json), "
+                    f"got {declared or 'no content type'}",
+                    415,
+                )
+        return None
+
+    async def _json_body(self, request: web.Request) -> Any:
+        raw = await read_body(request, self.limits)
+        charset = request.charset or "utf-8"
         try:
-            return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ContractError(f"request body is not valid JSON: {exc}") from exc
+            codecs.lookup(charset)
+        except LookupError:
+            raise ContractError(f"unknown charset {charset!r} in Content-Type") from None
+        try:
+            text = raw.decode(charset)
+            if len(raw) < _THREADED_JSON_BYTES:
+                return json.loads(text)
+            return await asyncio.to_thread(json.loads, text)
+        except RecursionError:
+            raise ContractError("request body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, over-long integers too
+            raise ContractError(f"request body is not valid JSON: {str(exc)[:200]}") from None
+
+    def _encode(self, text: str) -> list[int]:
+        with self._tokenizer_lock:
+            return list(self.engine.tokenizer.encode(text))
+
+    async def _parse_generate(self, body: Any) -> ParsedGenerate:
+        """Validate (and tokenize) in a thread: a long text never blocks the event loop."""
+        try:
+            return await asyncio.to_thread(
+                parse_generate,
+                body,
+                self._encode,
+                max_samples=self.limits.max_samples_per_request,
+                max_text_chars=self.engine.max_context * self.limits.max_chars_per_token,
+            )
+        except ContractError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. a tokenizer refusing the text
+            raise ContractError(f"invalid request: {str(exc)[:200]}") from None
 
     def _decode(self, token_ids: Sequence[int], skip_special_tokens: bool) -> str:
         text = self.engine.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -228,9 +355,15 @@ class SGLangProtocolServer:
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            parsed = parse_generate(await self._json_body(request), self.engine.tokenizer.encode)
+            parsed = await self._parse_generate(await self._json_body(request))
         except ContractError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        if self.engine.statistics().pending_jobs >= self.limits.max_queued_requests:
+            return web.json_response(
+                {"error": {"message": "the engine's queue is full; retry later"}},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
         task = asyncio.current_task()
         assert task is not None
         for rid in parsed.rids:
@@ -333,9 +466,14 @@ class SGLangProtocolServer:
         except* EngineError as group_error:
             error = group_error.exceptions[0]
             retryable = isinstance(error, EngineError) and error.retryable
-            await write({"error": {"message": str(error), "code": 503 if retryable else 400}})
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            with contextlib.suppress(ConnectionError):
+                await write({"error": {"message": str(error), "code": 503 if retryable else 400}})
+        except* ConnectionError:
+            # The client left between two events (the cancelled pumps cancelled its engine job).
+            log.debug("generate_stream_client_gone")
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
         return response
 
     # --- health and info ----------------------------------------------------------------------
@@ -413,6 +551,9 @@ class SGLangProtocolServer:
                 expect_bool(body["pinned"])
         except ContractError as exc:
             return self._lora_response(False, str(exc))
+        problem = _local_folder_problem(path, "lora_path", "adapter_config.json")
+        if problem is not None:
+            return self._lora_response(False, problem)
         try:
             await self.engine.load_adapter(name, path, version=self.engine.policy_version + 1)
         except EngineError as exc:
@@ -444,8 +585,11 @@ class SGLangProtocolServer:
             version = None if raw_version is None else expect_str(raw_version)
         except ContractError as exc:
             return failure(str(exc))
-        if version is not None and not version.isdigit():
-            return failure(f"envtune's engine uses integer weight versions, got {version!r}")
+        if version is not None and not (version.isascii() and version.isdigit() and len(version) < 19):
+            return failure(f"envtune's engine uses integer weight versions, got {version[:40]!r}")
+        problem = _local_folder_problem(path, "model_path", "config.json")
+        if problem is not None:
+            return failure(problem)
         new_version = self.engine.policy_version + 1 if version is None else int(version)
         try:
             await self.engine.update_weights_from_disk(path, version=new_version)

@@ -33,6 +33,7 @@ from envtune.optim.config import LearnerConfig
 from envtune.runtime.engines.settings import (
     EmbeddedEngineConfig,
     RouterSettings,
+    ServerLimits,
     SGLangClientConfig,
     SGLangLaunchSettings,
 )
@@ -388,6 +389,11 @@ def _validate_engine(model: ModelConfig, engine: EngineConfig) -> None:
 def _validate_run(config: Config) -> None:
     """Cross-section checks (each section checks itself while parsing)."""
     _validate_engine(config.model, config.engine)
+    if config.engine.kind == "embedded" and config.learner.lora.rank > config.engine.embedded.max_lora_rank:
+        raise ConfigError(
+            f"learner.lora.rank = {config.learner.lora.rank} is above engine.embedded.max_lora_rank = "
+            f"{config.engine.embedded.max_lora_rank}: the engine would refuse every adapter; raise the limit"
+        )
     sampling = config.sampling
     if sampling.temperature <= 0 or sampling.top_p < 1 or sampling.top_k > 0:
         # The learner recomputes logprobs of the full temperature-scaled distribution; a truncated
@@ -482,11 +488,18 @@ class ServerConfig:
     api_key_env: str = "ENVTUNE_API_KEY"
     """Name of the environment variable holding the API key (never on the command line, where every
     user of the machine can read it); when it is set, requests need ``Authorization: Bearer KEY``."""
+    api_key_file: str = ""
+    """A file holding the API key (its first line), read when the variable is unset."""
+    admin_api_key_env: str = "ENVTUNE_ADMIN_API_KEY"
+    """Environment variable holding the admin key (SGLang's ``--admin-api-key``): when set, the control
+    endpoints (adapters, weights, cache) need it, and the API key alone no longer opens them."""
     adapters: tuple[str, ...] = ()
     """LoRA adapters to load at start, as ``NAME=PATH``."""
     served_model_name: str = ""
     """The model id clients name (``model`` in OpenAI requests, ``/v1/models``); empty: ``model.path``
     as given (SGLang's default), or ``tiny`` for the tiny local model."""
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    """Request sizes, connection limits and slow-client timeouts."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -9,7 +9,8 @@ the unweighted mean of the category accuracies, as BFCL's multi-turn summary is 
 tasks per category it equals the plain mean).
 
 ``evaluate_tasks`` runs the episodes; one task that cannot be run (an engine failure, an exception
-anywhere in its episode) is one failed task with its error, never a lost evaluation. Left out: the
+anywhere in its episode) is one failed task with its error, never a lost evaluation; only an engine
+that is gone altogether (``EngineUnavailable``) ends the evaluation, with that error. Left out: the
 command line and the engines (``envtune.runtime.cli.evaluate``).
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 import structlog
 from envtune.agents.chat_tokens import ChatTokenizer
 from envtune.agents.config import AgentConfig, SamplingConfig
-from envtune.agents.engine import Engine
+from envtune.agents.engine import Engine, EngineUnavailable
 from envtune.agents.episode_loop import run_episode
 from envtune.agents.grammar import ConstraintCache
 from envtune.environments.episode import BfclEnvironment
@@ -160,6 +161,8 @@ async def evaluate_tasks(
                     )
                 finally:
                     episode.close()
+            except EngineUnavailable:
+                raise  # the engine is gone: no further task could run either
             except Exception as exc:
                 # A task that cannot be run is a failed task, as in BFCL; the evaluation goes on.
                 log.warning("eval_episode_failed", task_id=task_id, error=repr(exc))
@@ -173,8 +176,11 @@ async def evaluate_tasks(
             truncated=trajectory.truncated,
         )
 
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(one(i, task_id)) for i, task_id in enumerate(task_ids)]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i, task_id)) for i, task_id in enumerate(task_ids)]
+    except* EngineUnavailable as lost:
+        raise lost.exceptions[0] from None
     return [t.result() for t in tasks]
 
 

@@ -9,7 +9,10 @@ validates when due, closes the curriculum step (maybe a promotion), writes the s
 discarded groups alike), checkpoints, and rewrites the report after a validation or a checkpoint.
 Every group it receives ends trained or discarded with a ``DropReason``, and a discarded group gives
 its admission slot back to the rollout's gate. When the curriculum or the step budget ends it sets
-``done``.
+``done``. When the engines are gone (an adapter cannot be published within the client's outage
+limit, or validation finds no engine), the step that was trained is kept, ``failure`` records why
+and the run ends in order: the checkpoint on the way out holds that step, and a resume publishes
+its adapter.
 
 Left out: building engines and the process around the run (``training.py``, ``cli``), the episode
 loop (``agents``), the learning rule (``optim``).
@@ -27,6 +30,7 @@ from typing import Any
 
 import structlog
 import torch
+from envtune.agents.engine import EngineUnavailable
 from envtune.optim.learner import PolicyLearner
 from envtune.runtime.actors import Actor, MailboxClosed
 from envtune.runtime.metrics import RateMeter
@@ -40,7 +44,7 @@ from envtune.runtime.recipe.sinks import MetricSinks
 from envtune.runtime.recipe.trajectory_log import EpisodeRecord, TrajectoryLog
 from envtune.runtime.records import DropReason, GroupsDiscarded, PolicyUpdated, TrajectoryGroup, is_stale
 from envtune.runtime.rollout import RolloutActor, RolloutConfig
-from envtune.runtime.weight_sync import AdapterPublisher
+from envtune.runtime.weight_sync import AdapterPublisher, PublishedAdapter, WeightSyncError
 
 log = structlog.get_logger(__name__)
 
@@ -102,6 +106,8 @@ class LearnerActor(Actor[TrajectoryGroup]):
         self._started = time.monotonic()
         self._rates = RateMeter()
         self._discarded: Counter[DropReason] = Counter()
+        self.failure: Exception | None = None
+        """Why the run is ending early (the engines are gone), or None."""
 
     def connect(self, rollout: RolloutActor, source: CurriculumTaskSource) -> None:
         """The rollout to notify of new versions and discarded groups, and the source to close."""
@@ -188,8 +194,9 @@ class LearnerActor(Actor[TrajectoryGroup]):
             self._discarded[DropReason.NOT_TRAINED] += len(batch)
             await self._notify(GroupsDiscarded(count=len(batch), reason=DropReason.NOT_TRAINED))
         self._log_groups(batch, None if metrics.updated else DropReason.NOT_TRAINED)
-        adapter = await self.publisher.publish(self.learner)
-        await self._notify(PolicyUpdated(version=adapter.version))
+        adapter = await self._publish()
+        if adapter is not None:
+            await self._notify(PolicyUpdated(version=adapter.version))
         self.step += 1
         step_metrics: dict[str, float] = {
             f"learner/{k}": float(v) for k, v in metrics.as_dict().items() if isinstance(v, int | float)
@@ -200,8 +207,11 @@ class LearnerActor(Actor[TrajectoryGroup]):
             version_before - g.start_version for g in batch
         ) / len(batch)
         validation: dict[str, float] = {}
-        if self._validate is not None and self.scheduler.validation_due(self.step):
-            validation = await self._validate()
+        if self._validate is not None and self.failure is None and self.scheduler.validation_due(self.step):
+            try:
+                validation = await self._validate()
+            except EngineUnavailable as exc:
+                self._fail(exc)
         summary = self.scheduler.end_step(self.step, {**step_metrics, **validation})
         record: dict[str, Any] = {
             "step": self.step,
@@ -236,6 +246,19 @@ class LearnerActor(Actor[TrajectoryGroup]):
         elif self.run_config.max_steps and self.step >= self.run_config.max_steps:
             self.finish("step budget reached")
 
+    async def _publish(self) -> PublishedAdapter | None:
+        try:
+            return await self.publisher.publish(self.learner)
+        except WeightSyncError as exc:
+            self._fail(exc)
+            return None
+
+    def _fail(self, error: Exception) -> None:
+        if self.failure is None:
+            self.failure = error
+            log.error("training_failed", error=str(error), step=self.step)
+        self.finish(f"failed: {error}")
+
     def _rollout_rates(self) -> dict[str, float]:
         if self._rollout is None:
             return {}
@@ -263,7 +286,10 @@ class LearnerActor(Actor[TrajectoryGroup]):
         }
 
         def write(folder: Path) -> None:
-            torch.save(self.learner.state_dict(), folder / LEARNER_STATE_FILE)
+            # Through a Python file: a full disk then raises OSError(ENOSPC), where torch's own
+            # writer would say "basic_ios::clear: iostream error".
+            with (folder / LEARNER_STATE_FILE).open("wb") as handle:
+                torch.save(self.learner.state_dict(), handle)
             self.learner.save_adapter(folder / ADAPTER_DIR)
 
         path = await asyncio.to_thread(self.folder.save_checkpoint, self.step, state, write)

@@ -13,6 +13,11 @@ each file fsync'ed, the ``COMPLETE`` marker (listing every file and its size) wr
 the folder is renamed into place and the parent fsync'ed. A folder without a valid marker (a crash
 mid-write, a half-copied folder) is never picked up by ``latest_complete_checkpoint()``.
 
+Leftovers of a process killed mid-write (temp checkpoint folders ``.step-*``, the ``.trash-*`` of a
+re-save, temp files of atomic writes, the publisher's temp adapter folders) are removed when the
+folder is created or reopened, and at every prune; a torn last line of a ``.jsonl`` file is skipped
+on read, reported in the log, and dropped by ``truncate_after`` (so a resume repairs it).
+
 Left out: what goes into a checkpoint (the caller's ``write`` callback and ``state``), and any
 metric computation.
 """
@@ -118,12 +123,37 @@ class RunFolder:
 
     @classmethod
     def open(cls, path: Path) -> RunFolder:
-        """An existing run folder (for ``--resume``)."""
+        """An existing run folder (for ``--resume``); leftovers of a killed process are removed."""
         folder = cls(path)
         if not folder.config_path.exists():
             raise RunFolderError(f"{path} is not a run folder (no config.toml)")
         folder.checkpoints_dir.mkdir(exist_ok=True)
+        folder.remove_leftovers()
         return folder
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete what a process killed mid-write leaves behind; returns what was removed.
+
+        Never a complete checkpoint: only hidden temp folders and files, which no reader uses.
+        """
+        patterns = [
+            (self.checkpoints_dir, ".step-*"),
+            (self.checkpoints_dir, ".trash-*"),
+            (self.path, ".config.toml.*"),
+            (self.path, ".metrics.jsonl.*"),
+            (self.path, ".trajectories.jsonl.*"),
+            (self.path / "adapters", ".tmp-*"),
+            (self.path / "adapters", ".old-*"),
+        ]
+        removed = [p for parent, pattern in patterns if parent.is_dir() for p in parent.glob(pattern)]
+        for leftover in removed:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        if removed:
+            log.info("run_folder_leftovers_removed", paths=[str(p) for p in removed])
+        return removed
 
     @staticmethod
     def latest_run(out_dir: Path) -> Path | None:
@@ -291,5 +321,6 @@ class RunFolder:
         """Delete all but the newest ``keep`` complete checkpoints, and leftover temp folders."""
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old.path, ignore_errors=True)
-        for leftover in self.checkpoints_dir.glob(".step-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        for pattern in (".step-*", ".trash-*"):
+            for leftover in self.checkpoints_dir.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)

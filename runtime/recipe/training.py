@@ -89,7 +89,10 @@ async def train(
     sharded learner of a ``torchrun`` job, built before the engines opened); None builds the
     single-process one here. Returns the number of learner steps completed (including those before
     a resume). ``env``, ``scheduler`` and ``wrap_learner`` replace parts for tests and benchmarks (a
-    toy environment and its curriculum, a control arm's learner); a run leaves them None.
+    toy environment and its curriculum, a control arm's learner); a run leaves them None. Raises
+    ``EngineUnavailable`` or ``WeightSyncError``, after an orderly stop with a checkpoint, when the
+    engines are gone, and ``NoProgressError`` when no learner step completes for
+    ``run.no_progress_timeout_s``.
     """
     with _own_sinks(config, folder, sinks) as run_sinks:
         return await _train(
@@ -239,7 +242,11 @@ async def run_actors(
     async def until_done_or_stopped() -> None:
         try:
             async with asyncio.TaskGroup() as group:
-                waiters = {group.create_task(learner_actor.done.wait()), group.create_task(stop.wait())}
+                waiters = {
+                    group.create_task(learner_actor.done.wait()),
+                    group.create_task(stop.wait()),
+                    group.create_task(rollout.failed.wait()),
+                }
                 if no_progress_timeout_s:
                     watchdog = ProgressWatchdog(
                         no_progress_timeout_s, lambda: learner_actor.step, describe, what="learner step"
@@ -255,6 +262,8 @@ async def run_actors(
             folder.append_metrics({**event, "message": str(error)})
             learner_actor.finish("no progress")
             raise error from None
+        if rollout.engine_failure is not None:
+            learner_actor.finish("the engine is unavailable")
         if stop.is_set():
             learner_actor.finish("stop requested")
 
@@ -262,3 +271,7 @@ async def run_actors(
         await supervisor.run(until_done_or_stopped())
     except* NoProgressError as stalled:  # the supervisor's TaskGroup wraps it; the caller wants it bare
         raise stalled.exceptions[0] from None
+    # The engines are gone: the run stopped in order (checkpoint written); now say why, once.
+    failure = rollout.engine_failure or learner_actor.failure
+    if failure is not None:
+        raise failure
