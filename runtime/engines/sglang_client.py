@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 import structlog
 from envtune.agents.engine import (
     Completion,
@@ -41,6 +42,8 @@ from envtune.agents.engine import (
 from envtune.runtime.engines.settings import SGLangClientConfig
 
 log = structlog.get_logger(__name__)
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,16 +178,21 @@ class SGLangClient:
         return fallback
 
     async def _attempt(
-        self, endpoint: _Endpoint, method: str, path: str, body: Any, timeout: aiohttp.ClientTimeout
+        self, endpoint: _Endpoint, method: str, path: str, body: bytes | None, timeout: aiohttp.ClientTimeout
     ) -> Any:
         session = self._get_session()
+        headers = _JSON_HEADERS if body is not None else None
         try:
-            async with session.request(method, endpoint.url + path, json=body, timeout=timeout) as response:
-                text = await response.text()
+            async with session.request(
+                method, endpoint.url + path, data=body, headers=headers, timeout=timeout
+            ) as response:
+                # One read, one parse (msgspec: a 10k-id body costs ~1/8 of the json module's time).
+                raw = await response.read()
+                text = raw.decode("utf-8", "replace") if response.status >= 400 else ""
                 try:
-                    payload: Any = await response.json(content_type=None) if text else None
+                    payload: Any = msgspec.json.decode(raw) if raw else None
                 except ValueError:
-                    payload = text
+                    payload = text or raw.decode("utf-8", "replace")
                 if response.status >= 500 or response.status in (408, 429):
                     raise _Retryable(f"HTTP {response.status} from {endpoint.url}{path}: {text[:300]}")
                 if response.status >= 400:
@@ -211,13 +219,14 @@ class SGLangClient:
         timeout = aiohttp.ClientTimeout(
             total=timeout_s or self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
         )
+        encoded = msgspec.json.encode(body) if body is not None else None  # once, for every attempt
         failed: _Endpoint | None = None
         last_error = ""
         for attempt in range(self.config.max_retries + 1):
             target = endpoint or self._pick(affinity_key, avoid=failed)
             target.outstanding += 1
             try:
-                payload = await self._attempt(target, method, path, body, timeout)
+                payload = await self._attempt(target, method, path, encoded, timeout)
             except _Retryable as exc:
                 last_error = str(exc)
                 self._mark_failed(target)
