@@ -13,7 +13,9 @@ cap does not, and ``missing_end_of_turn`` returns the id to insert (a non-sample
 before the next messages are appended, so the ids stay what the template would have produced.
 
 Speed (every call runs on the rollout's event loop): an episode's opening prompt, the same for
-the 16 members of a group, is rendered and tokenized once per group (a small bounded cache), and a
+the 16 members of a group, is rendered and tokenized once per group, environment messages seen
+recently (format-error notices, the same tool result for several members) are tokenized once
+(two small bounded caches: the ids are a pure function of the messages), and a
 fast tokenizer's Rust backend encodes and decodes directly when it gives the same ids and text as
 the HF wrapper (checked on the probe at construction), skipping ~100 us of wrapper per call.
 
@@ -33,6 +35,9 @@ _PROBE_REPLY = "ok"
 """Content of the probe's assistant message; the text after it starts with the end-of-turn token."""
 PROMPT_CACHE_SIZE = 256
 """Opening prompts kept tokenized (a group's members share one; a few KB of ids each)."""
+APPEND_CACHE_SIZE = 4096
+"""Environment messages kept tokenized: format-error notices repeat verbatim, and the members of a
+group calling the same tool get the same result; tokenizing them is the loop's largest cost."""
 
 
 class ChatTemplateError(ValueError):
@@ -58,6 +63,9 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self._backend: Any = None
         self._prompts: OrderedDict[tuple[tuple[str, str], ...], tuple[int, ...]] = OrderedDict()
+        self._appends: OrderedDict[tuple[tuple[str, str], ...], tuple[int, ...]] = OrderedDict()
+        self._append_hits = 0
+        self._append_misses = 0
         probe = [
             Message("system", "s"),
             Message("user", "u"),
@@ -155,14 +163,34 @@ class ChatTokenizer:
         """
         if any(m.role == "assistant" for m in messages):
             raise ValueError("assistant text is never appended: the model's sampled ids are the reply")
+        key = tuple((m.role, m.content) for m in messages)
+        cached = self._appends.get(key)
+        if cached is not None:
+            self._append_hits += 1
+            self._appends.move_to_end(key)
+            return list(cached)
+        self._append_misses += 1
         full = self._template([*self._probe, *_as_dicts(messages)], add_generation_prompt=True)
         if not full.startswith(self._probe_prefix):
             raise ChatTemplateError(
                 "the chat template is not incremental: rendering more messages changed the earlier text"
             )
-        return self._encode(full[len(self._probe_prefix) :])
+        ids = self._encode(full[len(self._probe_prefix) :])
+        self._appends[key] = tuple(ids)
+        if len(self._appends) > APPEND_CACHE_SIZE:
+            self._appends.popitem(last=False)
+        return ids
 
     # --- the model's reply -----------------------------------------------------------------------
+
+    def cache_statistics(self) -> dict[str, int]:
+        """Entries, hits and misses of the tokenization caches (for metrics and benchmarks)."""
+        return {
+            "prompts": len(self._prompts),
+            "appends": len(self._appends),
+            "append_hits": self._append_hits,
+            "append_misses": self._append_misses,
+        }
 
     def missing_end_of_turn(self, sampled_ids: Sequence[int]) -> tuple[int, ...]:
         """Ids to insert after a reply before new messages: none when it ended with end-of-turn,

@@ -38,11 +38,13 @@ CHARS_PER_TOKEN = 4
 _THINK_VALUES = [v for v, _ in THINK_TOKENS]
 _THINK_CUMULATIVE = list(itertools.accumulate(w for _, w in THINK_TOKENS))[:-1]
 _WORDS = (
-    "the user wants me to list files in the current folder first then move the report into the archive "
-    "directory check that the target exists and call the tool with the exact path names from the last "
-    "result before answering I should not guess arguments the previous call returned an error so fix "
-    "the parameter types and retry once"
-).split()
+    "the", "user", "wants", "me", "to", "list", "files", "in", "the", "current", "folder", "first",
+    "then", "move", "the", "report", "into", "the", "archive", "directory", "check", "that", "the",
+    "target", "exists", "and", "call", "the", "tool", "with", "the", "exact", "path", "names",
+    "from", "the", "last", "result", "before", "answering", "I", "should", "not", "guess",
+    "arguments", "the", "previous", "call", "returned", "an", "error", "so", "fix", "the",
+    "parameter", "types", "and", "retry", "once",
+)
 ERROR_TAIL = "I should look at the files before calling anything."
 """What a format error writes after its think block (no tool call, no answer block)."""
 

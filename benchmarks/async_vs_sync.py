@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -143,7 +144,9 @@ class EpisodeShape:
     total_tokens: int
 
 
-def episode_shapes(env: BfclEnvironment, spec: Spec, max_new_tokens: int, max_tokens: int) -> list[EpisodeShape]:
+def episode_shapes(
+    env: BfclEnvironment, spec: Spec, max_new_tokens: int, max_tokens: int
+) -> list[EpisodeShape]:
     """The ``GROUP_SIZE`` members of a group: the scripted policy against real episodes."""
     shapes = []
     for member in range(GROUP_SIZE):
@@ -301,10 +304,8 @@ class LearnerDouble(Actor[TrajectoryGroup]):
     async def _discard(self, reason: DropReason) -> None:
         self.discarded[reason] += 1
         if self.rollout is not None:
-            try:
+            with contextlib.suppress(MailboxClosed):  # the rollout already stopped (run ending)
                 await self.rollout.send(GroupsDiscarded(count=1, reason=reason))
-            except MailboxClosed:
-                pass
 
     async def train(self, batch: list[TrajectoryGroup]) -> None:
         loop = asyncio.get_running_loop()
@@ -329,10 +330,8 @@ class LearnerDouble(Actor[TrajectoryGroup]):
         record.end = asyncio.get_running_loop().time()
         record.engine = self.engine.statistics()
         if self.rollout is not None:
-            try:
+            with contextlib.suppress(MailboxClosed):
                 await self.rollout.send(PolicyUpdated(version=self.version))
-            except MailboxClosed:
-                pass
         if len(self.records) >= self.steps:
             self.done.set()
 
@@ -413,7 +412,9 @@ async def run_one_step_off(shapes: Shapes, setup: Setup) -> dict[str, Any]:
     return summarize("one_step_off", learner, engine, setup)
 
 
-async def run_async(shapes: Shapes, setup: Setup, eta: int, in_flight_groups: int, name: str) -> dict[str, Any]:
+async def run_async(
+    shapes: Shapes, setup: Setup, eta: int, in_flight_groups: int, name: str
+) -> dict[str, Any]:
     runner = ReplayRunner(shapes)
     engine = new_engine(setup, runner)
     learner = LearnerDouble(shapes, engine, setup.cost, setup.groups_per_step, eta, setup.steps)
@@ -477,7 +478,8 @@ def summarize(
         dropped = rollout.dropped_by_reason
         out["stale_episodes_rollout"] = dropped.get(DropReason.STALE, 0)
         out["accounting_ok"] = (
-            rollout.episodes_started == rollout.episodes_completed + rollout.episodes_dropped + rollout.in_flight
+            rollout.episodes_started
+            == rollout.episodes_completed + rollout.episodes_dropped + rollout.in_flight
         )
         out["episodes_started"] = rollout.episodes_started
     if extra:
@@ -569,8 +571,9 @@ def report(out: dict[str, Any]) -> None:
         stale = out.get(p + "stale_groups_learner", 0) * GROUP_SIZE + out.get(p + "stale_episodes_rollout", 0)
         ratio = out.get(f"{name}_over_sync", 1.0)
         print(f"{name:<24} {out[p + 'episodes_per_s']:>7.2f} {out[p + 'generated_tokens_per_s']:>9.0f} "
-              f"{out[p + 'step_s']:>7.1f} {out[p + 'time_to_first_step_s']:>10.1f} {out[p + 'engine_busy']:>7.0%} "
-              f"{out[p + 'engine_batch_fill']:>6.0%} {out[p + 'learner_busy']:>7.0%} {out[p + 'overlap']:>7.0%} "
+              f"{out[p + 'step_s']:>7.1f} {out[p + 'time_to_first_step_s']:>10.1f} "
+              f"{out[p + 'engine_busy']:>7.0%} {out[p + 'engine_batch_fill']:>6.0%} "
+              f"{out[p + 'learner_busy']:>7.0%} {out[p + 'overlap']:>7.0%} "
               f"{stale:>5.0f} {ratio:>6.2f}")
 
 

@@ -56,7 +56,7 @@ class ScriptedReply:
 
     def __post_init__(self) -> None:
         if not self.ids or len(self.ids) != len(self.logprobs):
-            raise ValueError(f"a reply needs ids and one logprob per id ({len(self.ids)}, {len(self.logprobs)})")
+            raise ValueError(f"a reply needs ids, one logprob each: {len(self.ids)}, {len(self.logprobs)}")
         if self.finish not in ("stop", "length"):
             raise ValueError(f"finish is 'stop' or 'length', got {self.finish!r}")
 
@@ -257,7 +257,7 @@ class _HttpProtocol(asyncio.Protocol):
         body = b"" if payload is None else json.dumps(payload).encode()
         head = (
             f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{'Connection: close' if close else 'Connection: keep-alive'}\r\n\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n"
         )
         self._transport.write(head.encode() + body)
         if close:
