@@ -167,7 +167,7 @@ def figure_row(figure: Figure, run: Run) -> dict[str, Any]:
     """One table row: value, baseline, ratio, target verdict, spread, load."""
     value = _number(lookup(run.payload, figure.key))
     samples_raw = lookup(run.payload, figure.samples) if figure.samples else None
-    listed = samples_raw
+    listed = samples_raw if isinstance(samples_raw, list) else []
     samples = [float(x) for x in listed if _number(x) is not None]
     baseline = _number(lookup(run.payload, figure.baseline_key)) if figure.baseline_key else None
     ratio: float | None = None
