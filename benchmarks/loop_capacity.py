@@ -21,9 +21,9 @@ Two arms, interleaved, ``--repeats`` rounds, the same episodes each time:
 Parts (event-loop thread CPU, ``time.thread_time``, per engine call): ``tokenize`` (render the
 prompt, append environment messages, decode replies), ``environment`` (episode creation, start,
 step, score), ``request_build`` (the ``/generate`` body, JSON included), ``validation`` (checking
-the response and building the ``Completion``), ``http`` (the rest of the client path: aiohttp,
-sockets, response parsing) = http total - inproc total - request_build - validation, and
-``bookkeeping`` (episode loop, rollout actor, asyncio) = inproc total - tokenize - environment.
+the response and building the ``Completion``), ``bookkeeping`` (episode loop, rollout actor,
+asyncio) = inproc total - its tokenize - its environment, and ``http`` (the rest of the client
+path: aiohttp, sockets, response parsing) = http total - every other part.
 
 Saturation: one loop can make ``1e6 / cpu_us_per_call`` calls per second when it does nothing
 else; the run also reports the wall-clock rate it reached and the loop's busy fraction (on a
@@ -445,9 +445,9 @@ def summarize(
             "environment": us(http, "environment"),
             "request_build": build,
             "validation": validation,
-            "http": total - base - build - validation,
             "bookkeeping": base - us(inproc, "tokenize") - us(inproc, "environment"),
         }
+        parts["http"] = total - sum(parts.values())  # the rest of the client path
         per_round.append(
             {
                 "cpu_us_per_call": total,
