@@ -7,7 +7,7 @@ SGLANG_CONTRACT := .cache/sglang/api_types.py
 
 TYPECHECK := .cache/typecheck/envtune
 
-.PHONY: setup run test lint typecheck-tree clean-venv
+.PHONY: setup run test lint typecheck-tree clean-venv sglang-env
 
 setup: $(STAMP) $(SGLANG_CONTRACT)
 
@@ -46,3 +46,20 @@ lint: setup typecheck-tree
 
 clean-venv:
 	rm -rf $(VENV)
+
+# SGLang in its own environment (GPU machines): sglang 0.5.23 pins torch==2.14.1 (PyPI's CUDA 13
+# build), transformers==5.19.0 and xgrammar==0.2.7, which conflict with envtune's pins, so it never
+# shares .venv. Its wheels are cp311/cp312/cp313 manylinux_2_34 x86_64 (glibc >= 2.34); the CUDA
+# wheels need an NVIDIA driver for CUDA 13. Several GB of downloads. envtune starts its workers with
+# $(SGLANG_VENV)/bin/python (config key engine.launch.python); sglang-router is SGLang's router.
+SGLANG_VENV := .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.sglang-installed
+
+sglang-env: $(SGLANG_STAMP)
+
+$(SGLANG_STAMP): Makefile
+	test -x $(SGLANG_VENV)/bin/python || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install -q sglang==0.5.23 sglang-router==0.3.2
+	$(SGLANG_VENV)/bin/python -c "import sglang, sglang_router, torch; print('sglang', sglang.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	touch $@

@@ -111,7 +111,7 @@ def run_envtune_scoring(env: BfclEnvironment, tasks: list[Task]) -> tuple[float,
                 result, _ = dispatcher.call(call.name, call.arguments)
                 scorer.record(dispatcher.class_of(call.name), result)
             t0 = clock()
-            passed = scorer.judge(turn, calls_in_turn=len(calls), called_on_empty_turn=False)
+            passed = scorer.judge(turn, calls_in_turn=len(calls), called_on_empty_turn=False, forced=False)
             seconds += clock() - t0
             turns_done += 1
             if not passed:

@@ -24,6 +24,7 @@ from envtune.environments.types import (
     StepCode,
     StepResult,
     ToolCall,
+    ToolFault,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "StepResult",
     "Task",
     "ToolCall",
+    "ToolFault",
     "ToolSession",
     "load_function_docs",
     "load_split",

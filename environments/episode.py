@@ -8,13 +8,18 @@ and holds the per-task ground-truth cache. Nothing here is shared between two ep
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import structlog
 from envtune.environments import protocol
+from envtune.environments.deadline import Watchdog
 from envtune.environments.feedback import augment_result
 from envtune.environments.ground_truth import GroundTruthCache, GroundTruthTrace
 from envtune.environments.instances import ERROR_PREFIX, Dispatcher, build_instances
+from envtune.environments.limits import MAX_RESULT_CHARS, MAX_STEP_RESULT_CHARS, fit_step_results
 from envtune.environments.schemas import validate_call
 from envtune.environments.scoring import TurnScorer
 from envtune.environments.tasks import (
@@ -35,12 +40,21 @@ from envtune.environments.types import (
     StepCode,
     StepResult,
     ToolCall,
+    ToolFault,
 )
 
 TRAIN_MAX_STEPS_PER_TURN = 6
 """Paper/official code: a turn is force-ended after more than 5 attempts, i.e. 6 steps."""
 EVAL_MAX_STEPS_PER_TURN = 20
 """BFCL's own inference limit per user turn."""
+DEFAULT_STEP_TIME_LIMIT_S = 2.0
+"""Wall time one step's tool calls may take; ground truth's slowest call takes about 3 ms."""
+
+_CALLS_THAT_ALWAYS_FIT = MAX_STEP_RESULT_CHARS // (MAX_RESULT_CHARS + 64)
+"""A step with at most this many calls fits the feedback budget whatever they return (each result is
+already cut to ``MAX_RESULT_CHARS`` plus a short note)."""
+
+_log = structlog.get_logger(__name__)
 
 
 class EpisodeStateError(RuntimeError):
@@ -59,16 +73,27 @@ class EpisodeConfig:
     """Model replies allowed per user turn (tool steps and format errors share it)."""
     require_think: bool = True
     """Whether a reply must open with a <think> block (paper format)."""
+    step_time_limit_s: float | None = DEFAULT_STEP_TIME_LIMIT_S
+    """Wall time a step's calls may take: a call still running then is stopped and later calls of the
+    step are not started (each becomes an error result). None: no limit (only argument bounds).
+    The hints of augmented feedback are not interrupted (their inputs are bounded instead)."""
 
     def __post_init__(self) -> None:
         if self.max_steps_per_turn < 1:
             raise ValueError(f"max_steps_per_turn must be >= 1, got {self.max_steps_per_turn}")
+        limit = self.step_time_limit_s
+        if limit is not None and not (isinstance(limit, int | float) and 0 < limit < float("inf")):
+            raise ValueError(f"step_time_limit_s must be a positive number of seconds or None, got {limit}")
 
 
 class Episode:
     """One task, one model, one pass through its user turns."""
 
-    def __init__(self, task: Task, config: EpisodeConfig, trace: GroundTruthTrace) -> None:
+    def __init__(
+        self, task: Task, config: EpisodeConfig, trace: GroundTruthTrace, watchdog: Watchdog | None = None
+    ) -> None:
+        """``watchdog`` stops a tool call at the step's time limit; without one the limit is only
+        checked between calls."""
         if trace.task_id != task.id:
             raise ValueError(f"trace of {trace.task_id} given for task {task.id}")
         self.task = task
@@ -78,8 +103,9 @@ class Episode:
         # Shared, read-only maps from the cache; an episode copies them only when it reveals a function.
         hidden = task.hidden_functions(0)
         self._visible: Mapping[str, FunctionDoc] = visible_docs(task.involved_classes, hidden)
+        self._watchdog = watchdog
         self._dispatcher = Dispatcher(
-            self._instances, visible_function_classes(task.involved_classes, hidden)
+            self._instances, visible_function_classes(task.involved_classes, hidden), watchdog
         )
         self._scorer = TurnScorer(trace, self._instances)
         self._turn = -1
@@ -216,13 +242,23 @@ class Episode:
         if not self._trace.turns[turn].calls_expected:
             # docs/method.md §4.4: on a turn that must not call, the first call closes the turn unexecuted.
             return self._close_turn(turn, called_on_empty_turn=True, forced=False, extra=())
-        outcomes = tuple(self._execute(call) for call in parsed.calls)
+        started = time.monotonic()
+        limit = self.config.step_time_limit_s
+        deadline = None if limit is None else started + limit
+        outcomes = self._fit_feedback(tuple(self._execute(call, deadline) for call in parsed.calls))
+        tool_seconds = time.monotonic() - started
         self._calls_in_turn += len(outcomes)
         feedback = protocol.tool_feedback(outcomes)
         code = StepCode.TOOL_OK if all(o.ok for o in outcomes) else StepCode.TOOL_ERROR
         if self._steps_in_turn >= self.config.max_steps_per_turn:
             return self._close_turn(
-                turn, called_on_empty_turn=False, forced=True, extra=(), calls=outcomes, feedback=feedback
+                turn,
+                called_on_empty_turn=False,
+                forced=True,
+                extra=(),
+                calls=outcomes,
+                feedback=feedback,
+                tool_seconds=tool_seconds,
             )
         self._step_codes.append(code)
         return StepResult(
@@ -232,9 +268,10 @@ class Episode:
             done=False,
             turn_index=turn,
             calls=outcomes,
+            tool_seconds=tool_seconds,
         )
 
-    def _execute(self, call: ToolCall) -> CallOutcome:
+    def _execute(self, call: ToolCall, deadline: float | None) -> CallOutcome:
         """Validate, then run one call on this episode's instances; refusals are results too."""
         augmented = self.config.feedback is FeedbackMode.AUGMENTED
         issue = validate_call(call, self._visible)
@@ -247,12 +284,26 @@ class Episode:
                 call=call, executed=False, ok=False, result=result, hint=issue.hint if augmented else None
             )
         class_name = self._dispatcher.class_of(call.name)
-        result, ok = self._dispatcher.call(call.name, call.arguments)
-        self._scorer.record(class_name, result)
+        result, ok, executed, fault = self._dispatcher.dispatch(call.name, call.arguments, deadline=deadline)
+        self._scorer.record(class_name if executed else None, result)
         hint = None
-        if augmented:
+        if augmented and executed:
+            # Hints are envtune's own reads with bounded inputs (no watchdog window: it costs per call).
             hint = augment_result(call, class_name, result, self._instances[class_name])
-        return CallOutcome(call=call, executed=True, ok=ok, result=result, hint=hint)
+        return CallOutcome(call=call, executed=executed, ok=ok, result=result, hint=hint, fault=fault)
+
+    @staticmethod
+    def _fit_feedback(outcomes: tuple[CallOutcome, ...]) -> tuple[CallOutcome, ...]:
+        """Cut the results of a step whose feedback would be too long (each was scored whole)."""
+        if len(outcomes) <= _CALLS_THAT_ALWAYS_FIT:
+            return outcomes
+        if sum(len(outcome.result) for outcome in outcomes) <= MAX_STEP_RESULT_CHARS:
+            return outcomes
+        fitted = fit_step_results([outcome.result for outcome in outcomes])
+        return tuple(
+            outcome if text is None else dataclasses.replace(outcome, result=text, fault=ToolFault.TRUNCATED)
+            for outcome, text in zip(outcomes, fitted, strict=True)
+        )
 
     def _close_turn(
         self,
@@ -264,6 +315,7 @@ class Episode:
         error: str | None = None,
         calls: tuple[CallOutcome, ...] = (),
         feedback: str | None = None,
+        tool_seconds: float = 0.0,
     ) -> StepResult:
         passed = self._judge_turn(turn, called_on_empty_turn=called_on_empty_turn, forced=forced)
         self._turn_passed[turn] = passed
@@ -294,12 +346,20 @@ class Episode:
             calls=calls,
             tools_changed=tools_changed,
             error=error,
+            tool_seconds=tool_seconds,
         )
 
     def _judge_turn(self, turn: int, *, called_on_empty_turn: bool, forced: bool) -> bool:
-        return self._scorer.judge(
-            turn, calls_in_turn=self._calls_in_turn, called_on_empty_turn=called_on_empty_turn, forced=forced
-        )
+        try:
+            return self._scorer.judge(
+                turn,
+                calls_in_turn=self._calls_in_turn,
+                called_on_empty_turn=called_on_empty_turn,
+                forced=forced,
+            )
+        except Exception as exc:  # a state the model made incomparable (e.g. too deep) fails its turn
+            _log.warning("episode.judge_failed", task=self.task.id, turn=turn, error=repr(exc)[:200])
+            return False
 
 
 class BfclEnvironment:
@@ -308,6 +368,8 @@ class BfclEnvironment:
     def __init__(self, tasks: Mapping[str, Task] | None = None) -> None:
         self.tasks: Mapping[str, Task] = tasks if tasks is not None else load_tasks()
         self.ground_truth = GroundTruthCache()
+        self.watchdog = Watchdog()
+        """Enforces every episode's step time limit (one thread, started on first use)."""
 
     def make_episode(self, task_id: str, config: EpisodeConfig | None = None) -> Episode:
         """A fresh episode of a task (its own instances; the ground-truth trace is shared, read-only)."""
@@ -315,4 +377,4 @@ class BfclEnvironment:
             task = self.tasks[task_id]
         except KeyError:
             raise KeyError(f"unknown task id {task_id!r}") from None
-        return Episode(task, config or EpisodeConfig(), self.ground_truth.get(task))
+        return Episode(task, config or EpisodeConfig(), self.ground_truth.get(task), self.watchdog)

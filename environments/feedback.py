@@ -46,6 +46,9 @@ _LISTED_NAMES = 8
 _LISTED_SYMBOLS = 12
 """Stock symbols are short, so a symbol listing quotes more of them."""
 
+_MAX_COMPARED_CHARS = 256
+"""Longest name a similar-name hint compares (a 100,000-character pair takes difflib 1.5 s)."""
+
 _EXEC_ERROR = "Error during execution: "
 """BFCL's prefix for a call that raised."""
 
@@ -259,6 +262,14 @@ def _fs_forbidden(fs: Any) -> str:
     return "".join(c for c in string.punctuation + " " if not check(c))
 
 
+def _close_names(value: str, names: Iterable[str]) -> list[str]:
+    """The name most like ``value`` (difflib is quadratic in the worst case: long names are skipped)."""
+    if len(value) > _MAX_COMPARED_CHARS:
+        return []
+    candidates = [name for name in names if isinstance(name, str) and len(name) <= _MAX_COMPARED_CHARS]
+    return difflib.get_close_matches(value, candidates, n=1, cutoff=0.8)
+
+
 def _fs_missing(fs: Any, fn: str, value: str, want: str) -> str | None:
     """Why `value` is not a usable item of the current directory for `fn`, or None when it is one."""
     cwd = fs._current_dir
@@ -270,7 +281,7 @@ def _fs_missing(fs: Any, fn: str, value: str, want: str) -> str | None:
     item = cwd.contents.get(value)
     noun = {"file": "file", "dir": "directory"}.get(want, "file or directory")
     if item is None:
-        close = difflib.get_close_matches(value, list(cwd.contents), n=1, cutoff=0.8)
+        close = _close_names(value, cwd.contents)
         similar = f" A similar name exists here: '{close[0]}'." if close else ""
         return (
             f"There is no {noun} named '{value}' in the current directory ({_fs_where(fs)}). "

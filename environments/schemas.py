@@ -24,6 +24,8 @@ from envtune.environments.types import FunctionDoc, ToolCall
 
 MAX_LISTED_FUNCTIONS = 12
 """How many available function names an unknown-function hint lists when none is close."""
+MAX_COMPARED_NAME_CHARS = 256
+"""Longest name compared for a "did you mean" hint (difflib's cost grows with it: 20 ms at 60,000)."""
 
 _TYPE_NAMES: Mapping[str, str] = MappingProxyType(
     {
@@ -171,6 +173,8 @@ def signature_text(doc: FunctionDoc) -> str:
 
 def closest_functions(name: str, names: Iterable[str], limit: int = 3) -> list[str]:
     """Up to ``limit`` names most similar to ``name`` (case-insensitive difflib ratio >= 0.6)."""
+    if len(str(name)) > MAX_COMPARED_NAME_CHARS:  # nothing that long is close to a documented name
+        return []
     by_lower: dict[str, str] = {}
     for candidate in names:
         by_lower.setdefault(candidate.lower(), candidate)

@@ -96,6 +96,21 @@ class StepCode(enum.IntEnum):
     """The turn ended and passed."""
 
 
+class ToolFault(enum.StrEnum):
+    """Why the environment, rather than BFCL's class, shaped a call's result (see ``limits.py``)."""
+
+    RAISED = "raised"
+    """The method raised; the result is BFCL's ``Error during execution: ...`` text."""
+    LIMIT = "limit"
+    """Refused before running: an argument would make the method work without bound."""
+    TIME_LIMIT = "time_limit"
+    """Interrupted at, or not started after, the step's time limit."""
+    UNSERIALISABLE = "unserialisable"
+    """The method returned a value that has no string form (or one that is not valid UTF-8)."""
+    TRUNCATED = "truncated"
+    """The result string was cut to ``limits.MAX_RESULT_CHARS`` for the observation."""
+
+
 @dataclass(frozen=True, slots=True)
 class CallOutcome:
     """What happened to one call of a tool step."""
@@ -111,6 +126,9 @@ class CallOutcome:
     ``"Error during execution: ..."`` for an exception or a call refused before execution."""
     hint: str | None = None
     """The actionable hint added in augmented mode (None in standard mode or when none applies)."""
+    fault: ToolFault | None = None
+    """Set when the call raised, was refused by a bound, timed out, or its result had to be rendered
+    or cut by the environment; None for a call BFCL's class answered normally (or a schema refusal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +151,9 @@ class StepResult:
     """True when the visible tools changed (a missed function was revealed)."""
     error: str | None = None
     """The format or protocol error shown to the model, when there was one."""
+    tool_seconds: float = 0.0
+    """Wall time spent running this step's calls (with their hints); the calls alone are held to
+    ``EpisodeConfig.step_time_limit_s``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,8 @@ import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import async_vs_sync  # noqa: E402
-import loop_capacity  # noqa: E402
+import async_vs_sync
+import loop_capacity
 
 
 def test_the_http_path_and_the_in_process_path_give_the_recorded_trajectories() -> None:

@@ -165,7 +165,9 @@ def _number(value: Any) -> float | None:
 
 def figure_row(figure: Figure, run: Run) -> dict[str, Any]:
     """One table row: value, baseline, ratio, target verdict, spread, load."""
-    value = _number(lookup(run.payload, figure.key))
+    raw = lookup(run.payload, figure.key)
+    value = _number(raw)
+    text = raw if isinstance(raw, str) else None  # a descriptive figure (a device name...)
     samples_raw = lookup(run.payload, figure.samples) if figure.samples else None
     listed = samples_raw if isinstance(samples_raw, list) else []
     samples = [float(x) for x in listed if _number(x) is not None]
@@ -180,8 +182,10 @@ def figure_row(figure: Figure, run: Run) -> dict[str, Any]:
     verdict = "-"
     if run.status != "ok":
         verdict = run.status
-    elif value is None:
+    elif value is None and text is None:
         verdict = "missing"
+    elif value is None:
+        verdict = "FAIL" if target is not None else "-"
     elif target is not None:
         verdict = "pass" if target.holds(value) else "FAIL"
     spread = (
@@ -194,6 +198,7 @@ def figure_row(figure: Figure, run: Run) -> dict[str, Any]:
         "figure": figure.label,
         "key": figure.key,
         "value": value,
+        "text": text,
         "unit": figure.unit,
         "baseline": baseline,
         "baseline_path": figure.baseline_label,
@@ -230,7 +235,9 @@ def table_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         s = r["spread"]
         spread = f"{_fmt(s['median'])} [{_fmt(s['min'])}, {_fmt(s['max'])}] n={s['n']}" if s else "-"
-        value = f"{_fmt(r['value'])} {r['unit']}".strip() if r["value"] is not None else "-"
+        value = r.get("text") or "-"
+        if r["value"] is not None:
+            value = f"{_fmt(r['value'])} {r['unit']}".strip()
         baseline = r["baseline_path"]
         if r["baseline"] is not None:
             baseline = f"{_fmt(r['baseline'])}: {baseline}"
