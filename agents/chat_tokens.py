@@ -183,6 +183,11 @@ class ChatTokenizer:
 
     # --- the model's reply -----------------------------------------------------------------------
 
+    def clear_caches(self) -> None:
+        """Forget every cached prompt and message (benchmarks time the uncached cost with it)."""
+        self._prompts.clear()
+        self._appends.clear()
+
     def cache_statistics(self) -> dict[str, int]:
         """Entries, hits and misses of the tokenization caches (for metrics and benchmarks)."""
         return {

@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 BENCHMARK = Benchmark(
     name="openai_stream_decode",
     summary="streaming detokenization per token: a window of new tokens vs decoding the whole reply",
-    quick=("--tokens", "1024", "--repeats", "3"),
+    quick=("--repeats", "3"),
     full=(),
     figures=(
         Figure(key="speedup", label="streaming detokenization, whole-reply decode / windowed", unit="x",

@@ -279,6 +279,21 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the benchmarks of ``new`` replaced (mode must match; the commit becomes new's)."""
+    if old.get("mode") != new["mode"]:
+        raise SystemExit(f"--update: the report is {old.get('mode')} mode, this run is {new['mode']} mode")
+    names = {r["name"] for r in new["runs"]}
+    merged = dict(new)
+    for key in ("figures", "checks"):
+        kept = [row for row in old[key] if row["benchmark"] not in names]
+        merged[key] = sorted(kept + new[key], key=lambda row: row["benchmark"])
+    runs = [r for r in old["runs"] if r["name"] not in names] + new["runs"]
+    merged["runs"] = sorted(runs, key=lambda r: r["name"])
+    merged["updated"] = sorted(names)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="envtune-bench", description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="full mode (default: quick)")
@@ -287,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=None, help="the envtune checkout (default: found)")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md and BENCHMARKS.json")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here")
+    parser.add_argument(
+        "--update", action="store_true",
+        help="with --write and --only: replace only these benchmarks' rows in the existing BENCHMARKS.json",
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed too")
     args = parser.parse_args(argv)
     root = args.root.resolve() if args.root else find_root()
@@ -335,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(table_lines(figures)))
     for c in checks:
         print(f"check {c['benchmark']}.{c['check']}: {c['verdict']}")
+    if args.write and args.update and (root / "BENCHMARKS.json").is_file():
+        result = updated(json.loads((root / "BENCHMARKS.json").read_text(encoding="utf-8")), result)
     if args.write:
         (root / "BENCHMARKS.md").write_text(markdown(result), encoding="utf-8")
         (root / "BENCHMARKS.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
