@@ -32,7 +32,7 @@ def test_one_small_level_runs_and_replays_the_same_calls() -> None:
     assert full["episodes"] + full["dropped"] == 48 and full["dropped"] == 0
     assert full["calls"] > 48 * 4  # every BFCL task needs several replies
     assert replay["calls"] == full["calls"] and replay["episodes"] == 48  # the same engine calls
-    # Steady state (between the first and the last wave) cannot beat every slot busy at zero cost by much.
-    assert 0 < full["efficiency"] <= 1.2  # a 16-episode window may hold a few short episodes
+    # Steady state (between the first and the last wave) against the zero-overhead schedule.
+    assert 0 < full["efficiency"] <= 1.1  # the same window of the zero-overhead schedule
     assert 0 < full["makespan_efficiency"] <= 1.0 + 1e-9
     assert full["env_cpu_us_per_call"] > 0
