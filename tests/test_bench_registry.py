@@ -129,3 +129,17 @@ def test_declarations_are_frozen_records() -> None:
         decl.name = "y"  # type: ignore[misc]
     with pytest.raises(DeclarationError):
         Benchmark(name="x", summary="s", figures=(figure, figure))
+
+
+def test_update_replaces_only_the_benchmarks_rerun(tmp_path: Path) -> None:
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "benchmarks" / "fake.py").write_text(FAKE)
+    (tmp_path / "benchmarks" / "other.py").write_text(FAKE.replace('name="fake"', 'name="other"'))
+    bench.main(["--root", str(tmp_path), "--write"])
+    (tmp_path / "benchmarks" / "fake.py").write_text(FAKE.replace('"speed": 6.0', '"speed": 8.0'))
+    bench.main(["--root", str(tmp_path), "--write", "--update", "--only", "fake"])
+    result = json.loads((tmp_path / "BENCHMARKS.json").read_text())
+    speeds = {r["benchmark"]: r["value"] for r in result["figures"] if r["key"] == "speed"}
+    assert speeds == {"fake": 8.0, "other": 6.0} and result["updated"] == ["fake"]
+    assert sorted(r["name"] for r in result["runs"]) == ["fake", "other"]

@@ -37,6 +37,10 @@ from typing import Any
 from envtune.runtime.cli.bench_registry import Benchmark, Discovered, Figure, discover, lookup
 
 
+SKIP_EXIT_CODE = 2
+"""A script that exits with 2 and prints no JSON lacks a requirement (an extra environment): skipped."""
+
+
 def find_root(start: Path | None = None) -> Path:
     """The checkout holding ``benchmarks/``: upwards from ``start`` (the working folder), else the
     checkout this package is installed from (an editable install)."""
@@ -135,6 +139,10 @@ def run_one(found: Discovered, root: Path, full: bool, extra: list[str]) -> Run:
         usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         run.cpu_s = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
         run.load_after = os.getloadavg()[0]
+    if done.returncode == SKIP_EXIT_CODE and not done.stdout.strip().endswith("}"):
+        run.status = "skipped"  # a requirement is missing (the script says which on stderr)
+        run.detail = done.stderr.strip()[-300:]
+        return run
     if done.returncode != 0:
         run.status = "failed"
         run.detail = f"exit code {done.returncode}: " + done.stderr.strip()[-1500:]

@@ -5,7 +5,8 @@ Every script in ``benchmarks/`` (a file not starting with ``_``) declares itself
 the one JSON line it prints last), each figure's baseline (a key of the same line, and which code
 path it is), target and per-repeat samples, and its correctness checks (keys that must be true).
 ``envtune-bench`` runs whatever it finds; a script without a declaration is reported, never
-skipped silently.
+skipped silently. A script that lacks a requirement (an extra environment, a GPU) exits with code 2
+without printing its JSON line and says why on stderr: the run is reported as skipped.
 
 Discovery reads the declaration from the source (``ast``) and evaluates only that expression with
 these three names in scope: listing the benchmarks imports none of them (no torch, no data).
