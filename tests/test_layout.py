@@ -51,12 +51,19 @@ def group_of(module: str) -> str:
 
 
 def imports_of(module: str, path: Path) -> set[str]:
-    """envtune modules imported anywhere in the file (relative imports resolved)."""
+    """envtune modules imported anywhere in the file (relative imports resolved), except under
+    ``if TYPE_CHECKING:`` (annotations only: never executed, so neither a cycle nor a dependency)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     is_package = path.name == "__init__.py"
     base = module.split(".") if is_package else module.split(".")[:-1]
+    typing_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only.update(id(inner) for child in node.body for inner in ast.walk(child))
     found: set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("envtune."))
         elif isinstance(node, ast.ImportFrom):

@@ -36,7 +36,6 @@ from typing import Any
 
 from envtune.runtime.cli.bench_registry import Benchmark, Discovered, Figure, discover, lookup
 
-
 SKIP_EXIT_CODE = 2
 """A script that exits with 2 and prints no JSON lacks a requirement (an extra environment): skipped."""
 
