@@ -140,7 +140,7 @@ def run_one(found: Discovered, root: Path, full: bool, extra: list[str]) -> Run:
         run.load_after = os.getloadavg()[0]
     if done.returncode == SKIP_EXIT_CODE and not done.stdout.strip().endswith("}"):
         run.status = "skipped"  # a requirement is missing (the script says which on stderr)
-        run.detail = done.stderr.strip()[-300:]
+        run.detail = (done.stderr.strip() or done.stdout.strip())[-300:]
         return run
     if done.returncode != 0:
         run.status = "failed"
