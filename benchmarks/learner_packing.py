@@ -10,11 +10,10 @@ The padded baseline a peer would run is length-bucketed (sequences sorted by len
 are cut into micro-batches); the arrival-order padded arm is reported too, for the record. The
 headline is packed over bucketed-padded, by CPU time per round (median [min, max]).
 
-What the ratio contains: no compute on pad positions, Σ L² instead of rows × longest² attention,
-and (packed only) the LM head applied to the predicted positions alone (``logits_to_keep``), which
-right-padded rows with different positions per row cannot do. The ``logits_to_keep`` share is
-not separated here (the learner has no switch for it): on this tiny model the LM head is ~31% of
-linear FLOPs, ~8% on a 7B model. The peer the paper ran (verl with remove-padding) is packed too.
+What the ratio contains: no compute on pad positions and Σ L² instead of rows × longest² attention.
+Both arms send only the predicted positions' hidden states through the LM head (``optim/logprobs.py``),
+so the LM-head share the audit flagged is no longer in the ratio. The peer the paper ran (verl with
+remove-padding) is packed too.
 
     python benchmarks/learner_packing.py --quick     # < ~60 s on 2 CPU cores
 """

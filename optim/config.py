@@ -45,6 +45,16 @@ class Batching(enum.StrEnum):
     """Right-padded rows with an attention mask (baseline)."""
 
 
+class KlReference(enum.StrEnum):
+    """Which policy the KL term anchors to."""
+
+    BASE = "base"
+    """The base model (adapter disabled) in every stage."""
+    STAGE_START = "stage_start"
+    """The adapter as it was at the last ``Learner.snapshot_reference()`` (taken at construction, and
+    by the runtime at each stage promotion): each stage is anchored to the policy it started from."""
+
+
 @dataclass(frozen=True, slots=True)
 class LossConfig:
     """The clipped, off-policy-corrected policy-gradient loss (docs/method.md §7.3-§7.5)."""
@@ -147,6 +157,16 @@ class LearnerConfig:
     """Packed (padding-free) or padded micro-batches."""
     autocast_dtype: str | None = None
     """E.g. ``bfloat16`` to run forwards under autocast; ``none`` runs in the model's dtype."""
+    logits_chunk_elements: int = 1 << 26
+    """Most fp32 logits held at once when computing logprobs and entropies (the LM head runs over
+    chunks of ``logits_chunk_elements // vocab`` tokens; 64M = 256 MiB, 441 tokens at a 152k
+    vocabulary, whole micro-batches at small vocabularies). 0 computes full-vocabulary logits for the
+    whole micro-batch: about 20 GB per 8k tokens at 152k (``benchmarks/learner_memory.py``)."""
+    kl_reference: KlReference = KlReference.STAGE_START
+    """The KL anchor. ``stage_start``: the adapter at the last snapshot, which the run takes at each
+    promotion, as the paper's per-stage runs restart from the previous checkpoint with a KL to that
+    run's initial policy. ``base``: the base model in every stage, which pulls later stages back toward
+    the untrained model. Cost: one extra copy of the adapter."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The loss."""
     advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
@@ -165,3 +185,5 @@ class LearnerConfig:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.micro_batch_tokens < 1 or self.updates_per_step < 1:
             raise ValueError("micro_batch_tokens and updates_per_step must be >= 1")
+        if self.logits_chunk_elements < 0:
+            raise ValueError(f"logits_chunk_elements must be >= 0, got {self.logits_chunk_elements}")

@@ -429,7 +429,10 @@ class ShardedCore:
         self.model.eval()
         ref = reference_mode(self.model) if reference else contextlib.nullcontext()
         with torch.no_grad(), ref, self._autocast():
-            logp, _ = token_logprobs(self.model, batch, temperature=self.temperature)
+            # Full logits: the chunked path calls the decoder under the FSDP root, which mixes DTensors.
+            logp, _ = token_logprobs(
+                self.model, batch, temperature=self.temperature, logits_chunk_elements=0
+            )
         return logp
 
     def _update(
@@ -464,7 +467,11 @@ class ShardedCore:
             self.model.train()
             with self._autocast():
                 logp, entropy = token_logprobs(
-                    self.model, batch, temperature=self.temperature, with_entropy=True
+                    self.model,
+                    batch,
+                    temperature=self.temperature,
+                    with_entropy=True,
+                    logits_chunk_elements=0,
                 )
             if entropy is not None and cfg.loss.entropy_coef == 0:
                 entropy = entropy.detach()

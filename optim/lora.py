@@ -1,8 +1,9 @@
 """LoRA adapters via peft: attach, read/write the trainable state, save in SGLang's layout.
 
-The reference policy for the KL term is the base model with the adapter disabled
-(``reference_mode``), so no second copy of the weights exists. Deliberately left out: merging
-adapters into the base weights (the engines load the adapter folder instead).
+The base reference policy for the KL term is the model with the adapter disabled
+(``reference_mode``), so no second copy of the base weights exists (the stage-start reference swaps in
+a snapshot of the adapter instead: ``learner.py``). Deliberately left out: merging adapters into the
+base weights (the engines load the adapter folder instead).
 """
 
 from __future__ import annotations

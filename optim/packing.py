@@ -11,8 +11,11 @@ restart at 0 for each sequence; no pad token is computed. Attention must then be
 Gotcha measured on transformers 5.23: the model only honours packing when called with
 ``use_cache=False`` and no ``attention_mask``; with a cache it silently attends across sequences.
 
-Only the positions that predict a sampled (loss) token are sent through the LM head
-(``logits_to_keep``), which keeps the [tokens, vocab] logits small on real vocabularies.
+Only the positions that predict a sampled (loss) token are sent through the LM head, and the
+logprobs and entropies are computed from the final hidden states in chunks of at most
+``logits_chunk_elements`` fp32 logits (``logprobs.py``), so no [tokens, vocab] tensor exists for the
+whole micro-batch on real vocabularies. Optional per-token grammar masks (``ModelBatch.token_masks``)
+make the learner's logprobs the ones the engine sampled under a constraint.
 
 Padded: classic right-padded rows with an attention mask, kept as the benchmark baseline.
 Deliberately left out: sequence splitting across rows (a sequence longer than the budget gets a row
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,12 +35,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .config import Batching
+from .logprobs import UNCONSTRAINED_WORD, chunked_token_logprobs, token_logprobs_reference
 
 PACKED_ATTENTION = "envtune_packed_sdpa"
 """Name under which the segment-wise sdpa is registered with transformers."""
 
 _NATIVE_PACKED = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 """Implementations that handle restarting position_ids themselves."""
+
+DEFAULT_LOGITS_CHUNK_ELEMENTS = 1 << 26
+"""fp32 logits per chunk (256 MiB): 441 tokens at Qwen's 152k vocabulary; a whole micro-batch at small
+vocabularies (then nothing is recomputed in the backward pass and the speed is the unchunked one)."""
+
+_HEAD_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+"""Config fields of models whose logits are not plain ``lm_head(hidden)``; chunking refuses them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +73,10 @@ class ModelBatch:
     """Real (non-pad) tokens in the micro-batch."""
     num_computed: int
     """Positions the model computes (including padding)."""
+    token_masks: torch.Tensor | None = None
+    """[N, ceil(vocab/32)] int32 allowed-token masks of the targets in xgrammar's layout (token t
+    allowed iff bit t % 32 of word t // 32 is set; a row of -1 is unconstrained), or None when no
+    target was sampled under a grammar. Logprobs and entropies are then taken under these masks."""
 
 
 def plan_microbatches(lengths: Sequence[int], max_tokens: int, batching: Batching) -> list[list[int]]:
@@ -105,9 +120,11 @@ def build_batch(
     members: Sequence[int],
     batching: Batching,
     device: torch.device | str = "cpu",
+    token_masks: Sequence[torch.Tensor | None] | None = None,
 ) -> ModelBatch:
     """Model input for ``members`` of ``sequences``; ``predict[i][j]`` marks token j of sequence i
-    as one whose logprob is wanted (j >= 1: token 0 has no context)."""
+    as one whose logprob is wanted (j >= 1: token 0 has no context). ``token_masks[i]``, when given,
+    is sequence i's [predicted tokens, words] int32 mask (None: unconstrained); see ``with_masks``."""
     seqs = [sequences[m] for m in members]
     masks = [predict[m] for m in members]
     for seq, mask in zip(seqs, masks, strict=True):
@@ -148,7 +165,7 @@ def build_batch(
                     sequence_index.append(k)
         position_ids = None
         computed = len(seqs) * width
-    return ModelBatch(
+    batch = ModelBatch(
         input_ids=input_ids.to(device),
         position_ids=position_ids.to(device) if position_ids is not None else None,
         attention_mask=attention_mask.to(device) if attention_mask is not None else None,
@@ -159,12 +176,88 @@ def build_batch(
         num_tokens=sum(lengths),
         num_computed=computed,
     )
+    if token_masks is None:
+        return batch
+    return with_masks(batch, [token_masks[m] for m in members], [sum(predict[m]) for m in members])
+
+
+def with_masks(
+    batch: ModelBatch, member_masks: Sequence[torch.Tensor | None], member_targets: Sequence[int]
+) -> ModelBatch:
+    """``batch`` with the grammar masks of its members attached (in ``batch.members`` order).
+
+    ``member_masks[k]`` is member k's [member_targets[k], words] int32 mask rows, one per predicted
+    token in sequence order, or None for a member sampled without a constraint (its rows become -1).
+    When every member is None the batch stays unmasked. Kept separate from ``build_batch`` so a learner
+    can attach masks per micro-batch, just before its forward, and hold only those in memory.
+    """
+    if len(member_masks) != len(batch.members) or len(member_targets) != len(batch.members):
+        raise ValueError("one mask (or None) and one target count per member")
+    if sum(member_targets) != batch.target_ids.numel():
+        raise ValueError(
+            f"target counts sum to {sum(member_targets)}, the batch has {batch.target_ids.numel()}"
+        )
+    given = [m for m in member_masks if m is not None]
+    if not given:
+        return replace(batch, token_masks=None)
+    words = given[0].shape[-1]
+    device = batch.target_ids.device
+    rows: list[torch.Tensor] = []
+    for k, (mask, count) in enumerate(zip(member_masks, member_targets, strict=True)):
+        if mask is None:
+            rows.append(torch.full((count, words), UNCONSTRAINED_WORD, dtype=torch.int32, device=device))
+            continue
+        if mask.dtype != torch.int32 or mask.dim() != 2 or mask.shape[1] != words:
+            raise ValueError(
+                f"member {k}: masks must be int32 [targets, {words}], got {mask.dtype} {tuple(mask.shape)}"
+            )
+        if mask.shape[0] != count:
+            raise ValueError(f"member {k}: {mask.shape[0]} mask rows for {count} predicted tokens")
+        rows.append(mask.to(device))
+    return replace(batch, token_masks=torch.cat(rows))
 
 
 def token_logprobs(
-    model: torch.nn.Module, batch: ModelBatch, *, temperature: float = 1.0, with_entropy: bool = False
+    model: torch.nn.Module,
+    batch: ModelBatch,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    logits_chunk_elements: int = DEFAULT_LOGITS_CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logprob of each target token (and the entropy of its predictive distribution), in fp32."""
+    """Logprob of each target token (and the entropy of its predictive distribution), in fp32.
+
+    Under ``batch.token_masks`` when present. ``logits_chunk_elements`` bounds the fp32 logits held
+    at once (see ``logprobs.py``); 0 runs the model's own forward with full-vocabulary logits for all
+    predicted positions (the unchunked baseline; also the path for LM heads chunking refuses).
+    """
+    if logits_chunk_elements < 0:
+        raise ValueError(f"logits_chunk_elements must be >= 0, got {logits_chunk_elements}")
+    if logits_chunk_elements == 0:
+        return token_logprobs_reference(
+            _full_logits(model, batch),
+            batch.target_ids,
+            temperature=temperature,
+            masks=batch.token_masks,
+            with_entropy=with_entropy,
+        )
+    head = _plain_head(model)
+    hidden = _predicted_hidden(model, batch)
+    chunk = max(1, logits_chunk_elements // head.weight.shape[0])
+    if chunk >= hidden.shape[0]:
+        # One chunk: plain autograd, which keeps its intermediates instead of recomputing the LM head.
+        return token_logprobs_reference(
+            head(hidden), batch.target_ids, temperature=temperature, masks=batch.token_masks,
+            with_entropy=with_entropy,
+        )
+    return chunked_token_logprobs(
+        hidden, head, batch.target_ids, temperature=temperature, masks=batch.token_masks,
+        with_entropy=with_entropy, chunk_tokens=chunk,
+    )
+
+
+def _full_logits(model: torch.nn.Module, batch: ModelBatch) -> torch.Tensor:
+    """[N, vocab] logits of the predicted positions from the model's own forward."""
     if batch.position_ids is not None:
         # logits_to_keep with a tensor keeps those sequence positions: only predicted positions
         # go through the LM head.
@@ -174,19 +267,42 @@ def token_logprobs(
             use_cache=False,
             logits_to_keep=batch.predict_index,
         )
-        logits = out.logits[0]
+        return out.logits[0]
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.logits.reshape(-1, out.logits.shape[-1])[batch.predict_index]
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    base: torch.nn.Module = getattr(model, "get_base_model", lambda: model)()
+    return base
+
+
+def _plain_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The LM head, when logits are exactly ``head(final hidden state)``; ValueError otherwise."""
+    base: Any = _causal_lm(model)
+    head = base.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(
+            f"chunked logprobs need a plain nn.Linear LM head, got {type(head).__name__}; "
+            "set logits_chunk_elements=0"
+        )
+    modifiers = [name for name in _HEAD_MODIFIERS if getattr(base.config, name, None) not in (None, 1, 1.0)]
+    if modifiers:
+        raise ValueError(
+            f"this model transforms its logits ({', '.join(modifiers)}); set logits_chunk_elements=0"
+        )
+    return head
+
+
+def _predicted_hidden(model: torch.nn.Module, batch: ModelBatch) -> torch.Tensor:
+    """[N, hidden] final hidden states at the predicted positions (the decoder only, no LM head)."""
+    decoder = getattr(_causal_lm(model), "get_decoder")()  # noqa: B009  (typed as a tensor by torch)
+    if batch.position_ids is not None:
+        out = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     else:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        logits = out.logits.reshape(-1, out.logits.shape[-1])[batch.predict_index]
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, batch.target_ids[:, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return chosen, entropy
+        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    hidden = out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1])[batch.predict_index]
 
 
 def _segment_bounds(position_ids: torch.Tensor) -> list[int]:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import math
 
 import pytest
 import torch
 from envtune.agents.trajectory import Trajectory
-from envtune.optim.config import Batching, LearnerConfig, LoraSettings, LossConfig
-from envtune.optim.learner import Learner
+from envtune.optim.config import (
+    Batching,
+    KlReference,
+    LearnerConfig,
+    LoraSettings,
+    LossConfig,
+)
+from envtune.optim.learner import Learner, SkipReason
+from envtune.optim.logprobs import unpack_bitmask
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 61
@@ -167,13 +175,36 @@ def test_nonfinite_batch_does_not_touch_the_weights() -> None:
     batch[0] = with_fields(t0, behavior_logprobs=tuple(math.inf if m else 0.0 for m in t0.loss_mask))
     m = learner.step(batch)
     assert m.updated and math.isfinite(m.loss)
+    assert m.skip_reason is None and m.updates_applied == 1
     mid = named_params(learner)
     assert any(not torch.equal(before[n], mid[n]) for n in before)
     # NaN logprobs poison the gradient: the update is skipped and the version stays.
     batch[0] = with_fields(t0, behavior_logprobs=tuple(math.nan if m else 0.0 for m in t0.loss_mask))
     m_nan = learner.step(batch)
     assert not m_nan.updated and m_nan.policy_version == m.policy_version == 1
+    assert m_nan.skip_reason is SkipReason.NON_FINITE_GRAD and m_nan.updates_applied == 0
     assert all(torch.equal(mid[n], p) for n, p in named_params(learner).items())
+
+
+def test_batch_without_sampled_tokens_is_reported_not_trained() -> None:
+    learner = make_learner()
+    batch = [with_fields(t, loss_mask=(False,) * len(t.loss_mask)) for t in make_batch(learner, seed=11)]
+    before = named_params(learner)
+    m = learner.step(batch)
+    assert (m.updated, m.skip_reason) == (False, SkipReason.NO_LOSS_TOKENS)
+    assert m.num_trained == m.num_loss_tokens == 0
+    assert m.policy_version == learner.policy_version == 0 and learner.num_steps == 1
+    assert all(torch.equal(before[n], p) for n, p in named_params(learner).items())
+    assert m.as_dict()["skip_reason"] == "no_loss_tokens"
+
+
+def test_nan_in_the_second_update_keeps_the_first() -> None:
+    learner = make_learner(updates_per_step=2)
+    batch = make_batch(learner, seed=12)  # mini-batches: group 0, then group 1
+    t = batch[5]
+    batch[5] = with_fields(t, behavior_logprobs=tuple(math.nan if m else 0.0 for m in t.loss_mask))
+    m = learner.step(batch)
+    assert (m.updated, m.skip_reason, m.updates_applied, m.policy_version) == (True, None, 1, 1)
 
 
 def test_several_updates_per_step_equal_sequential_steps_when_nothing_clips() -> None:
@@ -214,3 +245,144 @@ async def test_step_runs_in_a_worker_thread_and_saves_adapter(tmp_path) -> None:
     assert version == metrics.policy_version == 1
     assert (tmp_path / "a" / "adapter_config.json").exists()
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+
+# --- the KL reference: base model or the policy at the stage's start ------------------------------
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def test_stage_start_reference_is_the_snapshot_and_does_not_move() -> None:
+    learner = make_learner(loss=LossConfig(kl_coef=0.1))
+    assert learner.config.kl_reference is KlReference.STAGE_START
+    batch = make_batch(learner, seed=13)
+    start = learner.logprobs(batch)
+    assert max_diff(learner.logprobs(batch, reference=True), start) == 0.0  # the fresh adapter
+    for _ in range(2):
+        learner.step(batch)
+    assert max_diff(learner.logprobs(batch, reference=True), start) == 0.0
+    assert learner.snapshot_reference() is True
+    snapshot = learner.logprobs(batch)
+    assert max_diff(snapshot, start) > 1e-3  # the policy had moved before the snapshot
+    assert max_diff(learner.logprobs(batch, reference=True), snapshot) == 0.0
+    m = learner.step(batch)  # policy == reference during this step
+    assert m.updated and m.kl_ref == pytest.approx(0.0, abs=1e-7)
+    learner.step(batch)
+    assert max_diff(learner.logprobs(batch), snapshot) > 1e-3
+    assert max_diff(learner.logprobs(batch, reference=True), snapshot) == 0.0
+    # Resume keeps the reference; a state without one is refused before anything is loaded.
+    resumed = make_learner(seed=0, loss=LossConfig(kl_coef=0.1))
+    state = learner.state_dict()
+    resumed.load_state_dict(state)
+    assert max_diff(resumed.logprobs(batch, reference=True), snapshot) == 0.0
+    fresh = make_learner(seed=0)
+    with pytest.raises(ValueError, match="no KL reference"):
+        fresh.load_state_dict({k: v for k, v in state.items() if k != "reference"})
+    assert fresh.policy_version == 0
+
+
+def test_base_reference_is_the_model_without_adapter() -> None:
+    learner = make_learner(loss=LossConfig(kl_coef=0.1), kl_reference=KlReference.BASE)
+    batch = make_batch(learner, seed=14)
+    start = learner.logprobs(batch)
+    for _ in range(2):
+        learner.step(batch)
+    assert learner.snapshot_reference() is False
+    assert max_diff(learner.logprobs(batch, reference=True), start) < 1e-6
+    assert max_diff(learner.logprobs(batch), start) > 1e-3
+    m = learner.step(batch)
+    assert m.kl_ref > 1e-6
+
+
+# --- grammar masks in the learner step ---------------------------------------------------------
+
+
+def random_masks(targets: list[int], seed: int, forced: bool = False) -> torch.Tensor:
+    """One int32 xgrammar-layout row per target: the target plus (unless forced) a random third."""
+    g = torch.Generator().manual_seed(seed)
+    words = (VOCAB + 31) // 32
+    allowed = torch.zeros(len(targets), words * 32, dtype=torch.int64)
+    if not forced:
+        allowed[:, :VOCAB] = (torch.rand(len(targets), VOCAB, generator=g) < 0.3).long()
+    allowed[torch.arange(len(targets)), torch.tensor(targets)] = 1
+    packed = (allowed.view(len(targets), words, 32) << torch.arange(32)).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def sampled(t: Trajectory) -> list[int]:
+    return [x for x, m in zip(t.token_ids, t.loss_mask, strict=True) if m]
+
+
+def by_hand(learner: Learner, t: Trajectory, masks: torch.Tensor | None, reference: bool) -> torch.Tensor:
+    """Masked log-softmax of one trajectory, straight from the model's logits."""
+    model = learner.model
+    model.eval()
+    ctx = model.disable_adapter() if reference else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        logits = model(input_ids=torch.tensor([t.token_ids]), use_cache=False).logits[0].float()
+    rows = logits[[j - 1 for j in range(1, len(t.token_ids)) if t.loss_mask[j]]]
+    if masks is not None:
+        rows = rows.masked_fill(~unpack_bitmask(masks, VOCAB), -math.inf)
+    return torch.log_softmax(rows, -1).gather(-1, torch.tensor(sampled(t))[:, None]).squeeze(-1)
+
+
+def test_constrained_step_is_on_policy_under_its_masks() -> None:
+    learner = make_learner(loss=LossConfig(kl_coef=0.1), kl_reference=KlReference.BASE)
+    learner.step(make_batch(learner, seed=15))  # a non-zero adapter, so policy != reference
+    batch = make_batch(learner, seed=16)
+    masks = {i: random_masks(sampled(t), seed=i) for i, t in enumerate(batch) if i % 4 != 3}
+
+    def source(i: int) -> torch.Tensor | None:
+        return masks.get(i)
+
+    for reference in (False, True):
+        got = learner.logprobs(batch, reference=reference, token_masks=source)
+        want = [by_hand(learner, t, masks.get(i), reference) for i, t in enumerate(batch)]
+        assert max_diff(got, want) < 1e-5
+    # Behaviour logprobs as the engine reports them under the grammar: the masked policy.
+    masked = learner.logprobs(batch, token_masks=source)
+    batch = [
+        with_fields(t, behavior_logprobs=tuple(_spread(t.loss_mask, lp.tolist())))
+        for t, lp in zip(batch, masked, strict=True)
+    ]
+    twin = make_learner(loss=LossConfig(kl_coef=0.1), kl_reference=KlReference.BASE)
+    twin.load_state_dict(learner.state_dict())
+    m = learner.step(batch, token_masks=source)
+    expected_fraction = sum(len(sampled(batch[i])) for i in masks) / sum(len(sampled(t)) for t in batch)
+    assert m.constrained_fraction == pytest.approx(expected_fraction)
+    assert m.behavior_weight_mean == pytest.approx(1.0, abs=1e-5) and m.behavior_kl < 1e-8
+    unmasked = twin.step(batch)  # the same batch with the learner blind to the grammar
+    assert unmasked.behavior_weight_mean < 0.9 and unmasked.constrained_fraction == 0.0
+    assert unmasked.entropy > m.entropy
+
+
+def _spread(mask: tuple[bool, ...], values: list[float]) -> list[float]:
+    it = iter(values)
+    return [next(it) if m else 0.0 for m in mask]
+
+
+def test_forced_tokens_carry_no_gradient() -> None:
+    learner = make_learner(loss=LossConfig(kl_coef=0.1), kl_reference=KlReference.BASE)
+    learner.step(make_batch(learner, seed=17))
+    batch = make_batch(learner, seed=18)
+    batch = [with_fields(t, behavior_logprobs=(0.0,) * len(t.token_ids)) for t in batch]
+    forced = {i: random_masks(sampled(t), seed=i, forced=True) for i, t in enumerate(batch)}
+    m = learner.step(batch, token_masks=forced.__getitem__)
+    assert m.entropy == 0.0 and m.kl_ref == 0.0 and m.grad_norm == 0.0 and m.constrained_fraction == 1.0
+
+
+def test_bad_masks_are_refused_before_the_weights_change() -> None:
+    learner = make_learner()
+    batch = make_batch(learner, seed=19)
+    before = named_params(learner)
+    short = {i: random_masks(sampled(t)[:-1], seed=i) for i, t in enumerate(batch)}
+    with pytest.raises(ValueError, match="mask rows"):
+        learner.step(batch, token_masks=short.__getitem__)
+    shifted = [[(x + 1) % VOCAB for x in sampled(t)] for t in batch]
+    wrong = {i: random_masks(ids, seed=i, forced=True) for i, ids in enumerate(shifted)}
+    with pytest.raises(ValueError, match="forbidden"):
+        learner.step(batch, token_masks=wrong.__getitem__)
+    assert all(torch.equal(before[n], p) for n, p in named_params(learner).items())
+    assert learner.policy_version == 0
