@@ -12,12 +12,20 @@ reply sampled with that token as its stop token already ends with it; a reply cu
 cap does not, and ``missing_end_of_turn`` returns the id to insert (a non-sampled, unmasked token)
 before the next messages are appended, so the ids stay what the template would have produced.
 
+Speed (every call runs on the rollout's event loop): an episode's opening prompt, the same for
+the 16 members of a group, is rendered and tokenized once per group, environment messages seen
+recently (format-error notices, the same tool result for several members) are tokenized once
+(two small bounded caches: the ids are a pure function of the messages), and a
+fast tokenizer's Rust backend encodes and decodes directly when it gives the same ids and text as
+the HF wrapper (checked on the probe at construction), skipping ~100 us of wrapper per call.
+
 Left out: rendering tools into the prompt (the environment writes the system prompt, tools
 included) and any knowledge of a particular model family beyond what its template renders.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +33,11 @@ from envtune.environments.types import Message
 
 _PROBE_REPLY = "ok"
 """Content of the probe's assistant message; the text after it starts with the end-of-turn token."""
+PROMPT_CACHE_SIZE = 256
+"""Opening prompts kept tokenized (a group's members share one; a few KB of ids each)."""
+APPEND_CACHE_SIZE = 4096
+"""Environment messages kept tokenized: format-error notices repeat verbatim, and the members of a
+group calling the same tool get the same result; tokenizing them is the loop's largest cost."""
 
 
 class ChatTemplateError(ValueError):
@@ -48,6 +61,11 @@ class ChatTokenizer:
         if not getattr(tokenizer, "chat_template", None):
             raise ChatTemplateError("the tokenizer has no chat template")
         self.tokenizer = tokenizer
+        self._backend: Any = None
+        self._prompts: OrderedDict[tuple[tuple[str, str], ...], tuple[int, ...]] = OrderedDict()
+        self._appends: OrderedDict[tuple[tuple[str, str], ...], tuple[int, ...]] = OrderedDict()
+        self._append_hits = 0
+        self._append_misses = 0
         probe = [
             Message("system", "s"),
             Message("user", "u"),
@@ -80,6 +98,24 @@ class ChatTokenizer:
         # The probe rendered up to and including the reply's end-of-turn token: every append renders
         # probe + new messages and keeps what follows this prefix.
         self._probe_prefix = rendered[: cut + len(end_of_turn)]
+        self._backend = self._checked_backend(rendered)
+
+    def _checked_backend(self, sample: str) -> Any:
+        """The fast tokenizer's backend, if it encodes and decodes ``sample`` as the wrapper does."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None or not getattr(self.tokenizer, "is_fast", False):
+            return None
+        if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return None  # the wrapper post-processes decoded text
+        try:
+            ids = backend.encode(sample, add_special_tokens=False).ids
+            wrapper_ids = list(self.tokenizer(sample, add_special_tokens=False)["input_ids"])
+            same_text = backend.decode(ids, skip_special_tokens=False) == self.tokenizer.decode(
+                ids, skip_special_tokens=False
+            )
+        except Exception:
+            return None
+        return backend if ids == wrapper_ids and same_text else None
 
     # --- rendering -------------------------------------------------------------------------------
 
@@ -93,13 +129,25 @@ class ChatTokenizer:
 
     def _encode(self, text: str) -> list[int]:
         # The template already wrote every special token it wants; never add BOS/EOS here.
+        if self._backend is not None:
+            ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+            return ids
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render_prompt(self, messages: Sequence[Message]) -> list[int]:
         """Ids of the opening messages followed by the generation prompt (the episode's prompt)."""
         if not messages:
             raise ValueError("render_prompt needs at least one message")
-        return self._encode(self._template(_as_dicts(messages), add_generation_prompt=True))
+        key = tuple((m.role, m.content) for m in messages)
+        ids = self._prompts.get(key)
+        if ids is None:
+            ids = tuple(self._encode(self._template(_as_dicts(messages), add_generation_prompt=True)))
+            self._prompts[key] = ids
+            if len(self._prompts) > PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
+        else:
+            self._prompts.move_to_end(key)
+        return list(ids)
 
     def render_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
         """The whole conversation as template text (the re-templating baseline; for tests and benches)."""
@@ -115,14 +163,39 @@ class ChatTokenizer:
         """
         if any(m.role == "assistant" for m in messages):
             raise ValueError("assistant text is never appended: the model's sampled ids are the reply")
+        key = tuple((m.role, m.content) for m in messages)
+        cached = self._appends.get(key)
+        if cached is not None:
+            self._append_hits += 1
+            self._appends.move_to_end(key)
+            return list(cached)
+        self._append_misses += 1
         full = self._template([*self._probe, *_as_dicts(messages)], add_generation_prompt=True)
         if not full.startswith(self._probe_prefix):
             raise ChatTemplateError(
                 "the chat template is not incremental: rendering more messages changed the earlier text"
             )
-        return self._encode(full[len(self._probe_prefix) :])
+        ids = self._encode(full[len(self._probe_prefix) :])
+        self._appends[key] = tuple(ids)
+        if len(self._appends) > APPEND_CACHE_SIZE:
+            self._appends.popitem(last=False)
+        return ids
 
     # --- the model's reply -----------------------------------------------------------------------
+
+    def clear_caches(self) -> None:
+        """Forget every cached prompt and message (benchmarks time the uncached cost with it)."""
+        self._prompts.clear()
+        self._appends.clear()
+
+    def cache_statistics(self) -> dict[str, int]:
+        """Entries, hits and misses of the tokenization caches (for metrics and benchmarks)."""
+        return {
+            "prompts": len(self._prompts),
+            "appends": len(self._appends),
+            "append_hits": self._append_hits,
+            "append_misses": self._append_misses,
+        }
 
     def missing_end_of_turn(self, sampled_ids: Sequence[int]) -> tuple[int, ...]:
         """Ids to insert after a reply before new messages: none when it ended with end-of-turn,
@@ -143,7 +216,8 @@ class ChatTokenizer:
         ids = list(sampled_ids)
         if ids and (stopped or ids[-1] == self.end_of_turn_id):
             ids.pop()
-        text: str = self.tokenizer.decode(ids, skip_special_tokens=False)
+        decoder = self._backend if self._backend is not None else self.tokenizer
+        text: str = decoder.decode(ids, skip_special_tokens=False)
         return text
 
     def encode_reply(self, text: str) -> list[int]:

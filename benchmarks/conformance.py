@@ -29,6 +29,22 @@ from envtune.environments.conformance import (
 from envtune.environments.episode import BfclEnvironment
 from envtune.environments.tasks import load_tasks
 from envtune.environments.types import FeedbackMode
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="conformance",
+    summary="ground-truth replay and perturbed trajectories judged by envtune and by bfcl_eval's checker",
+    quick=("--limit", "200"),
+    full=(),
+    figures=(
+        Figure(key="replay_pass", label="tasks whose ground truth passes every turn", unit="tasks",
+               baseline_key="tasks", baseline_label="all tasks run"),
+        Figure(key="agreement", label="verdict agreement with bfcl_eval multi_turn_checker", target=">= 1.0",
+               baseline_label="bfcl_eval 2025.6.13 multi_turn_checker + irrelevance checker"),
+    ),
+    checks=("all_replayed",),
+    timeout_s=1200,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "agreement": round(agreement, 6),
                 "both_pass": both_pass,
                 "seconds": round(elapsed, 1),
+                "all_replayed": replay_pass == len(tasks),
             }
         )
     )

@@ -31,11 +31,30 @@ from pathlib import Path
 
 from envtune.agents.engine import GenerateRequest, SamplingParams
 from envtune.environments.tasks import class_function_docs, load_tasks
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
 from envtune.runtime.engines.embedded import EmbeddedEngine
 from envtune.runtime.engines.settings import EmbeddedEngineConfig, SGLangClientConfig
 from envtune.runtime.engines.sglang_client import SGLangClient
 from envtune.runtime.engines.sglang_server import SGLangProtocolServer
 from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
+
+BENCHMARK = Benchmark(
+    name="engine_throughput",
+    summary="the embedded CPU engine (tiny model): batching, HTTP, prefix cache, concurrent multi-turn",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="speedup", label="embedded engine, batch 16 over batch 1 (tiny model, CPU)", unit="x",
+               baseline_key="batch1_tok_s", baseline_label="the same requests one at a time", ratio=True),
+        Figure(key="http_over_direct", label="batch 16 over HTTP / in process", unit="x",
+               baseline_key="batch16_tok_s", baseline_label="EmbeddedEngine.generate in process", ratio=True),
+        Figure(key="prefix_cache_speedup", label="episode KV cache on / off", unit="x",
+               baseline_label="no episode affinity (every turn re-prefilled)", ratio=True),
+        Figure(key="concurrent_vs_sequential_ratio", label="multi-turn episodes concurrent / one at a time",
+               unit="x", baseline_label="the same episodes one at a time", ratio=True),
+    ),
+    timeout_s=900,
+)
 
 
 def bfcl_prompt(engine: EmbeddedEngine, limit: int) -> tuple[int, ...]:
@@ -143,7 +162,8 @@ async def main(args: argparse.Namespace) -> dict[str, float]:
             return [GenerateRequest(prompt, s) for s in sampling]
 
         await timed(engine, requests(2, 1000), concurrent=True)  # warm-up
-        t1, n1 = await timed(engine, requests(args.sequential, 0), concurrent=False)
+        # Equal work per request: the batch-1 arm runs the first requests (same seeds) of the batch-16 arm.
+        t1, n1 = await timed(engine, requests(args.sequential, 100), concurrent=False)
         t16, n16 = await timed(engine, requests(16, 100), concurrent=True)
         cold = await episodes(engine, prompt, use_affinity=False)
         warm = await episodes(engine, prompt, use_affinity=True)

@@ -18,10 +18,15 @@ turn are executed untimed first, then the turn is scored:
   ground-truth instances (``execute_multi_turn_func_call``), then BFCL's ``state_checker`` and
   ``response_checker``.
 
-    python benchmarks/env_step.py [--quick] [--repeats N]
+Timing: CPU time of the one thread both arms run on (``time.thread_time``: less sensitive to a
+shared machine than wall time). A repeat alternates full passes of the two arms until each has
+``--min-seconds`` of timed step work, so a ratio never rests on a fraction of a second; ratios
+are median [min, max] over ``--repeats`` repeats, with the machine's load average.
 
-Ends with one JSON line: steps_per_s, baseline_steps_per_s, step_ratio, scoring_per_s,
-baseline_scoring_per_s, scoring_ratio.
+    python benchmarks/env_step.py [--quick] [--repeats N] [--min-seconds S]
+
+Ends with one JSON line: steps_per_s, baseline_steps_per_s, step_ratio (+ samples), scoring_per_s,
+baseline_scoring_per_s, scoring_ratio (+ samples), load_average.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import statistics
 import time
 
 from envtune.environments.episode import BfclEnvironment, EpisodeConfig
@@ -38,13 +45,36 @@ from envtune.environments.scoring import TurnScorer
 from envtune.environments.tasks import CATEGORIES, Task, class_function_docs, load_tasks, thaw
 from envtune.environments.tool_calls import ANSWER_REPLY, format_pythonic_call, format_reply
 from envtune.environments.types import FeedbackMode
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="env_step",
+    summary="environment tool steps and turn scoring: envtune vs bfcl_eval's own executor and checkers",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="step_ratio", label="tool-call steps/s, envtune over bfcl_eval", unit="x", target=">= 1.5",
+               samples="step_ratio_samples", baseline_key="baseline_steps_per_s",
+               baseline_label="bfcl_eval 2025.6.13 execute_multi_turn_func_call", ratio=True),
+        Figure(key="scoring_ratio", label="turn scoring/s, envtune over bfcl_eval", unit="x", target=">= 10",
+               samples="scoring_ratio_samples", baseline_key="baseline_scoring_per_s",
+               baseline_label="bfcl_eval: re-execute ground truth + state_checker + response_checker",
+               ratio=True),
+        Figure(key="gt_trace_ms_per_task", label="ground-truth trace, once per task (left out above)",
+               unit="ms", baseline_label="paid once per task per run"),
+    ),
+    timeout_s=1800,
+)
+
+CLOCK = time.thread_time
+"""CPU time of this thread: both arms run on it."""
 
 
 def run_envtune_steps(env: BfclEnvironment, tasks: list[Task], feedback: FeedbackMode) -> tuple[float, int]:
     """(seconds in episode creation + tool steps, calls): ``Episode.step`` on ``<tool_call>`` replies."""
     seconds = 0.0
     calls_done = 0
-    clock = time.perf_counter
+    clock = CLOCK
     for task in tasks:
         replies = [
             (format_reply(calls) if calls else None, len(calls)) for calls in ground_truth_calls(task)
@@ -69,7 +99,7 @@ def run_envtune_scoring(env: BfclEnvironment, tasks: list[Task]) -> tuple[float,
     """(seconds in ``TurnScorer.judge``, turns): the model side acts untimed, then each turn is scored."""
     seconds = 0.0
     turns_done = 0
-    clock = time.perf_counter
+    clock = CLOCK
     for task in tasks:
         instances = build_instances(task)
         dispatcher = Dispatcher(
@@ -96,7 +126,7 @@ def run_reference(tasks: list[Task], tag: str) -> tuple[float, int, float, int]:
 
     step_seconds = score_seconds = 0.0
     calls_done = turns_done = 0
-    clock = time.perf_counter
+    clock = CLOCK
     for index, task in enumerate(tasks):
         model_name = f"bench_{tag}_{index}"
         config = thaw(task.initial_config)
@@ -137,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="40 tasks per category instead of 200")
-    parser.add_argument("--repeats", type=int, default=3, help="passes over the tasks (best pass is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats (median [min, max] of their ratios)")
+    parser.add_argument("--min-seconds", type=float, default=None,
+                        help="timed step seconds per arm per repeat (default 1.0 quick, 3.0 full)")
     parser.add_argument("--feedback", choices=[m.value for m in FeedbackMode], default="augmented")
     args = parser.parse_args(argv)
 
@@ -145,40 +177,52 @@ def main(argv: list[str] | None = None) -> None:
     all_tasks = load_tasks()
     tasks = [t for c in CATEGORIES for t in [t for t in all_tasks.values() if t.category == c][:per_category]]
     env = BfclEnvironment()
-    t0 = time.perf_counter()
+    min_seconds = args.min_seconds if args.min_seconds is not None else (1.0 if args.quick else 3.0)
+    t0 = CLOCK()
     for task in tasks:
         env.ground_truth.get(task)
-    trace_ms = (time.perf_counter() - t0) * 1000 / len(tasks)
+    trace_ms = (CLOCK() - t0) * 1000 / len(tasks)
 
     feedback = FeedbackMode(args.feedback)
-    best_env: tuple[float, float] | None = None
-    best_ref: tuple[float, float] | None = None
+    # Per repeat: envtune steps/s and scoring/s, then the reference's.
+    rates: list[tuple[float, float, float, float]] = []
+    passes = 0
     for repeat in range(args.repeats):
-        gc.collect()
-        s_sec, calls = run_envtune_steps(env, tasks, feedback)
-        sc_sec, turns = run_envtune_scoring(env, tasks)
-        rates = (calls / s_sec, turns / sc_sec)
-        best_env = rates if best_env is None else (max(best_env[0], rates[0]), max(best_env[1], rates[1]))
-        gc.collect()
-        s_sec, calls, sc_sec, turns = run_reference(tasks, str(repeat))
-        rates = (calls / s_sec, turns / sc_sec)
-        best_ref = rates if best_ref is None else (max(best_ref[0], rates[0]), max(best_ref[1], rates[1]))
-    assert best_env is not None and best_ref is not None
+        acc = [0.0] * 8  # env (s, calls, s, turns), reference (s, calls, s, turns)
+        while min(acc[0], acc[4]) < min_seconds:  # whole passes, alternating, until both have enough
+            gc.collect()
+            s_sec, calls = run_envtune_steps(env, tasks, feedback)
+            sc_sec, turns = run_envtune_scoring(env, tasks)
+            gc.collect()
+            r = run_reference(tasks, f"{repeat}_{passes}")
+            for i, x in enumerate((s_sec, calls, sc_sec, turns, *r)):
+                acc[i] += x
+            passes += 1
+        rates.append((acc[1] / acc[0], acc[3] / acc[2], acc[5] / acc[4], acc[7] / acc[6]))
+    step_ratios = [e / r for e, _, r, _ in rates]
+    scoring_ratios = [e / r for _, e, _, r in rates]
     figures = {
         "tasks": len(tasks),
         "calls_per_pass": calls,
         "turns_per_pass": turns,
+        "passes": passes,
+        "min_seconds": min_seconds,
         "feedback": feedback.value,
+        "clock": "thread CPU time",
         "gt_trace_ms_per_task": round(trace_ms, 3),
-        "steps_per_s": round(best_env[0]),
-        "baseline_steps_per_s": round(best_ref[0]),
-        "step_ratio": round(best_env[0] / best_ref[0], 3),
-        "scoring_per_s": round(best_env[1]),
-        "baseline_scoring_per_s": round(best_ref[1]),
-        "scoring_ratio": round(best_env[1] / best_ref[1], 3),
+        "steps_per_s": round(statistics.median(x[0] for x in rates)),
+        "baseline_steps_per_s": round(statistics.median(x[2] for x in rates)),
+        "step_ratio": round(statistics.median(step_ratios), 3),
+        "step_ratio_samples": [round(x, 3) for x in step_ratios],
+        "scoring_per_s": round(statistics.median(x[1] for x in rates)),
+        "baseline_scoring_per_s": round(statistics.median(x[3] for x in rates)),
+        "scoring_ratio": round(statistics.median(scoring_ratios), 3),
+        "scoring_ratio_samples": [round(x, 3) for x in scoring_ratios],
+        "load_average": round(os.getloadavg()[0], 2),
     }
     f = figures
-    print(f"steps: ours {f['steps_per_s']}/s, reference {f['baseline_steps_per_s']}/s, x{f['step_ratio']}")
+    print(f"steps: ours {f['steps_per_s']}/s, reference {f['baseline_steps_per_s']}/s, x{f['step_ratio']} "
+          f"[{min(step_ratios):.2f}, {max(step_ratios):.2f}] over {args.repeats} repeats, {passes} passes")
     print(
         f"turn scoring: envtune {f['scoring_per_s']}/s vs reference {f['baseline_scoring_per_s']}/s "
         f"(x{f['scoring_ratio']}); ground-truth trace, once per task: {f['gt_trace_ms_per_task']} ms"

@@ -52,6 +52,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="fsdp_equivalence",
+    summary="FSDP2 sharded LoRA learner (2 gloo ranks) against the single-process learner",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="max_abs_diff", label="LoRA weights, sharded vs single, after the steps", target="<= 1e-5",
+               baseline_key="update_max_abs", baseline_label="single-process Learner (how far it moved)"),
+        Figure(key="resume_max_abs_diff", label="sharded resumed from a checkpoint vs uninterrupted",
+               target="<= 1e-5"),
+    ),
+    timeout_s=1800,
+)
+
 RANK_ENV = "ENVTUNE_FSDP_JOB"
 """Set on the torchrun children: the job's JSON."""
 

@@ -21,6 +21,20 @@ import os
 import sys
 
 from envtune.environments.fuzzing import run_fuzz
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="fuzz_tools",
+    summary="hostile tool-call strings through real episodes: crashes and calls outside the visible tools",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="fuzz_crashes", label="fuzzed tool-call strings that crashed a step", target="<= 0"),
+        Figure(key="fuzz_escapes", label="calls executed outside the visible tools", target="<= 0"),
+        Figure(key="fuzz_cases", label="fuzzed tool-call strings", unit="cases"),
+    ),
+    timeout_s=1800,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="gpu_check",
+    summary="7B-shaped learner and engine on a GPU (quick: every phase at tiny sizes on CPU, no speed)",
+    quick=("--cpu",),
+    full=(),
+    figures=(Figure(key="device", label="device the check ran on (quick mode proves the script runs)"),),
+    timeout_s=1800,
+    needs=(),
+)
+
 CHARS_PER_TOKEN = 3.3
 """Estimate for Qwen2.5's tokenizer on BFCL's JSON tool docs and English questions."""
 REPLY_TOKENS, FEEDBACK_TOKENS, STEPS_PER_TURN = 120, 150, 3

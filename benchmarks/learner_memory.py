@@ -53,6 +53,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="learner_memory",
+    summary="peak memory of log-probabilities + entropy + backward: full [T, V] logits vs chunked",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="peak_ratio", label="peak memory, full logits / chunked", unit="x",
+               baseline_key="peak_full_mb", baseline_label="all [T, V] fp32 logits at once", ratio=True),
+        Figure(key="peak_chunked_mb", label="peak memory, chunked", unit="MB"),
+    ),
+    timeout_s=1800,
+)
+
 ARMS = ("full", "chunked", "checkpointed")
 TOLERANCE = 1e-5
 QWEN_VOCAB = 152064

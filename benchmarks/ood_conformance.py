@@ -43,6 +43,25 @@ from envtune.environments.bfcl_v4.backend_conformance import ReferenceBackends, 
 from envtune.environments.tau2 import conformance as t2
 from envtune.environments.tau2.environment import Tau2Environment
 from envtune.environments.tau2.worker import Tau2Worker, default_python
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="ood_conformance",
+    summary="BFCL V4 / tau2 verdicts vs their own evaluators; judge throughput (needs make setup-ood)",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="bfcl_v4_memory_agreement", label="BFCL V4 memory: agreement with agentic_checker",
+               target=">= 1.0", baseline_label="bfcl_eval 2026.3.23 agentic_checker"),
+        Figure(key="bfcl_v4_web_search_agreement", label="BFCL V4 web search: agreement", target=">= 1.0",
+               baseline_label="bfcl_eval 2026.3.23 agentic_checker"),
+        Figure(key="tau2_agreement", label="tau2: agreement with evaluate_simulation", target=">= 1.0",
+               baseline_label="tau2-bench evaluate_simulation"),
+        Figure(key="bfcl_judge_speedup.median", label="BFCL V4 judge, envtune over BFCL's checker", unit="x",
+               baseline_label="bfcl_eval agentic_checker on the same pairs", ratio=True),
+    ),
+    timeout_s=3600,
+)
 
 
 def log(message: str) -> None:

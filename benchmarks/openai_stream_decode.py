@@ -23,9 +23,23 @@ import statistics
 import time
 from typing import Any
 
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
 from envtune.runtime.engines.openai_api import OpenAIChatRoutes, OpenAIServingConfig, _Choice
 from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
 from transformers import AutoTokenizer
+
+BENCHMARK = Benchmark(
+    name="openai_stream_decode",
+    summary="streaming detokenization per token: a window of new tokens vs decoding the whole reply",
+    quick=("--repeats", "3"),
+    full=(),
+    figures=(
+        Figure(key="speedup", label="streaming detokenization, whole-reply decode / windowed", unit="x",
+               baseline_label="tokenizer.decode of the whole reply per token", ratio=True),
+    ),
+    checks=("same_text",),
+    timeout_s=600,
+)
 
 TEXT = (
     "<think>Need the listing first.</think> Grüße aus Köln, 日本語のテキスト, emojis 🚀✓ and plain "
