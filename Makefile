@@ -10,7 +10,7 @@ OOD_STAMP := $(OOD_VENV)/.envtune-installed
 
 TYPECHECK := .cache/typecheck/envtune
 
-.PHONY: setup setup-gpu setup-ood run test lint typecheck-tree clean-venv sglang-env
+.PHONY: setup setup-gpu setup-ood run test lint typecheck-tree clean-venv sglang-env bench
 
 setup: $(STAMP) $(SGLANG_CONTRACT) $(BFCL_V4_WHEEL)
 
@@ -95,3 +95,7 @@ $(SGLANG_STAMP): Makefile
 	$(SGLANG_VENV)/bin/python -m pip install -q sglang==0.5.23 sglang-router==0.3.2
 	$(SGLANG_VENV)/bin/python -c "import sglang, sglang_router, torch; print('sglang', sglang.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 	touch $@
+
+# Every benchmark in quick mode, one table; `make bench ARGS="--full --write"` refreshes BENCHMARKS.md.
+bench: setup setup-ood
+	OMP_NUM_THREADS=1 $(VENV)/bin/envtune-bench $(ARGS)
