@@ -88,7 +88,7 @@ def test_a_users_toml_is_laid_over_the_chosen_preset(tmp_path: Path) -> None:
     over_cpu, _, _ = resolve_config(parser.parse_args(["--preset", "cpu", str(mine), "--set", "run.seed=7"]))
     assert (over_cpu.rollout.group_size, over_cpu.run.name, over_cpu.run.seed) == (4, "mine", 7)
     # Everything the file does not name is the CPU preset's, including keys beside it in [rollout].
-    assert over_cpu.rollout.groups_per_step == cpu.rollout.groups_per_step == 2
+    assert over_cpu.rollout.groups_per_step == cpu.rollout.groups_per_step == 3
     assert over_cpu.curriculum == cpu.curriculum and over_cpu.sampling == cpu.sampling
     over_paper, _, _ = resolve_config(parser.parse_args([str(mine)]))
     assert over_paper.rollout.group_size == 4 and over_paper.rollout.groups_per_step == 32

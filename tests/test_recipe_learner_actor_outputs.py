@@ -39,7 +39,7 @@ class FakeLearner:
         self.policy_version = 0
         self.batches: list[list[Trajectory]] = []
 
-    def step(self, trajectories: list[Trajectory]) -> _Metrics:
+    def step(self, trajectories: list[Trajectory], *, token_masks: object = None) -> _Metrics:
         self.batches.append(list(trajectories))
         self.policy_version += 1
         return _Metrics()

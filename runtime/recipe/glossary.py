@@ -47,6 +47,8 @@ STEP_KEYS: Mapping[str, str] = {
     "rollout/episodes_completed": "episodes completed so far",
     "rollout/episodes_dropped": "episodes dropped so far (engine errors, timeouts, cancelled...)",
     "rollout/in_flight": "episodes running when the step ended",
+    "rollout/episodes_aborted": "running episodes cancelled so far: their group aged out (also dropped)",
+    "rollout/tokens_saved_estimate": "model tokens those aborts saved (mean episode tokens and duration)",
     "train/groups": "groups of the current stage the learner received during the step",
     "train/zero_variance_share": "share of them whose rewards were all equal (no policy-gradient signal)",
     "train/reward": "mean trained-on reward of their episodes",
