@@ -17,7 +17,7 @@ Sections (``--only NAME`` runs one; ``--quick`` runs each smaller, as CI does):
     breaker ends the rollout with one ``EngineUnavailable`` within its outage limit, the accounting
     holds, and the log says so in a handful of lines (not one per dropped episode).
 ``process``        ``envtune-run`` (CPU preset, tiny steps) is SIGKILLed at chosen points
-    (``benchmarks/crash_points.py``: rollout, learner step, adapter publish, metrics append,
+    (``benchmarks/_crash_points.py``: rollout, learner step, adapter publish, metrics append,
     checkpoint write, checkpoint rename, report), then resumed, until it finishes. Checked: each
     resume continues from the last complete checkpoint; no half-written checkpoint is ever picked
     up; torn metrics lines are dropped on resume (reported); at the end every step appears once,
@@ -66,8 +66,27 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
+
+BENCHMARK = Benchmark(
+    name="faults",
+    summary="engine faults and outages, an engine that is gone, SIGKILLs then --resume, server abuse, soak",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="duplicates", label="trajectories trained twice under engine faults", target="<= 0"),
+        Figure(key="torn_records", label="torn or duplicated log records after SIGKILLs", target="<= 0"),
+        Figure(key="resumes_ok", label="--resume after a SIGKILL that continued correctly", unit="resumes"),
+        Figure(key="server_deaths", label="server deaths under abuse", target="<= 0"),
+        Figure(key="rss_growth_pct", label="soak RSS growth after warm-up", unit="%", target="<= 5"),
+        Figure(key="fuzz_crashes", label="fuzzed tool calls that crashed a step", target="<= 0"),
+    ),
+    checks=("ok",),
+    timeout_s=3600,
+)
+
 REPO = Path(__file__).resolve().parent.parent
-CRASH_POINTS = Path(__file__).resolve().parent / "crash_points.py"
+CRASH_POINTS = Path(__file__).resolve().parent / "_crash_points.py"
 FUZZ = Path(__file__).resolve().parent / "fuzz_tools.py"
 CPU_PRESET = REPO / "runtime" / "recipe" / "presets" / "cpu.toml"
 
@@ -75,6 +94,7 @@ CPU_PRESET = REPO / "runtime" / "recipe" / "presets" / "cpu.toml"
 SMOKE = [
     "curriculum.stages.*.promotion.max_steps=1",
     "curriculum.stages.*.episode.max_steps_per_turn=1",
+    "curriculum.stages.*.zero_variance=keep",  # 16-token replies never score: keep the groups, step anyway
     "curriculum.validation_every=0",
     "rollout.group_size=2",
     "rollout.groups_per_step=1",
@@ -82,7 +102,7 @@ SMOKE = [
     "rollout.max_staleness=0",
     "sampling.max_new_tokens=16",
     "run.checkpoint_every=1",
-    "run.sample_trajectories_every=1",
+    "run.trajectories.mode=all",
     "run.progress_bar=false",
     "logging.format=json",
 ]

@@ -27,6 +27,7 @@ from envtune.runtime.rollout import RolloutConfig
 @dataclass
 class _Metrics:
     updated: bool = True
+    skip_reason: None = None
 
     def as_dict(self) -> dict[str, float | int | bool]:
         return {"updated": self.updated, "loss": 0.5, "num_loss_tokens": 12}

@@ -477,7 +477,7 @@ async def test_retries_5xx_and_dropped_connections_but_not_4xx(
         await runner.cleanup()
 
     async def always_down(request: web.Request) -> web.Response:
-        return web.Response(status=502)
+        return web.Response(status=500)  # an answer, badly: counted (a 502 is an outage, ridden out)
 
     runner, url = await _fake_server(always_down)
     try:

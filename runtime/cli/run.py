@@ -325,6 +325,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _abort_now(signum: int, frame: object) -> None:
+    """A second signal: the user wants out now. Threads (a learner step) cannot be interrupted, so
+    leave at once; the checkpoints on disk are atomic, the last complete one is kept."""
+    name = signal.Signals(signum).name
+    sys.stderr.write(f"envtune-run: second {name}: aborting now, without a checkpoint\n")
+    sys.stderr.flush()
+    os._exit(signal_exit_code(signum))
+
+
 def _write_report_quietly(folder: RunFolder) -> Path | None:
     from envtune.runtime.recipe.report import write_report
 
@@ -357,11 +366,7 @@ async def _main_async(
             log.warning("stop_requested", signal=name, hint="stopping with a checkpoint; a second one aborts")
             stop.set()
             return
-        # A second signal: the user wants out now. Threads (a learner step) cannot be interrupted,
-        # so leave at once; the checkpoints on disk are atomic, the last complete one is kept.
-        sys.stderr.write(f"envtune-run: second {name}: aborting now, without a checkpoint\n")
-        sys.stderr.flush()
-        os._exit(signal_exit_code(signum))
+        _abort_now(signum, None)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
@@ -387,6 +392,9 @@ async def _main_async(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if signals:  # stopping already: a second signal while the report is written still aborts at once
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, _abort_now)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -125,7 +125,12 @@ def event_fields() -> dict[str, dict[str, str]]:
     from envtune.runtime.recipe.config_io import field_docs
     from envtune.runtime.recipe.curriculum import Promotion
 
-    promotion = {"event": "`promotion`", **field_docs(Promotion)}
+    promotion = {
+        "event": "`promotion`",
+        **field_docs(Promotion),
+        "kl_reference_version": "the policy version the next stage's KL is anchored to (kl_reference "
+        "= stage_start; None when the reference is the base model)",
+    }
     runtime = {
         "event": "`runtime` (every 30 s)",
         "step": "learner steps completed when sampled",

@@ -1,6 +1,6 @@
 """Run ``envtune-run`` and SIGKILL it at a chosen point: the process faults of ``benchmarks/faults.py``.
 
-    python benchmarks/crash_points.py POINT N -- [envtune-run arguments]
+    python benchmarks/_crash_points.py POINT N -- [envtune-run arguments]
 
 kills the process (``os.kill(os.getpid(), SIGKILL)``: no cleanup, no ``finally``, exactly a power
 cut or the OOM killer) the ``N``-th time (1-based) it reaches ``POINT``:
