@@ -20,6 +20,7 @@ from envtune.runtime.recipe.run_folder import RunFolder
 SMOKE = [
     "curriculum.stages.*.promotion.max_steps=1",
     "curriculum.stages.*.episode.max_steps_per_turn=1",
+    "curriculum.stages.*.zero_variance=keep",  # 16-token replies never score: keep the groups, step anyway
     "curriculum.validation_every=0",
     "rollout.group_size=2",
     "rollout.groups_per_step=1",
