@@ -38,6 +38,7 @@ from typing import Any
 
 import structlog
 import torch
+from envtune.runtime.cli.bench_registry import Benchmark, Figure
 from envtune.runtime.engines.embedded import EmbeddedEngine
 from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
 from envtune.runtime.recipe.config import CPU_PRESET, Config, load_config
@@ -45,6 +46,20 @@ from envtune.runtime.recipe.run_folder import RunFolder
 from envtune.runtime.recipe.training import train
 from envtune.runtime.recipe.trajectory_log import SampleMode, TrajectorySampling
 from envtune.runtime.testing.controls import ShuffledRewards
+
+BENCHMARK = Benchmark(
+    name="learning_curve",
+    summary="stage-1 reward gain through the real actors on BFCL vs a shuffled-reward control",
+    quick=("--quick",),
+    full=(),
+    figures=(
+        Figure(key="learning_gain", label="stage-1 reward gain, last - first quarter", target=">= 0.15"),
+        Figure(key="control_gain", label="the same for the shuffled-reward control"),
+        Figure(key="gain_over_control", label="learning gain over the control's", target=">= 0.1"),
+    ),
+    checks=("target_met",),
+    timeout_s=5400,
+)
 
 
 def cpu_seconds() -> float:
