@@ -154,7 +154,7 @@ def _acebench(options: SuiteOptions, shared: dict[str, Any]) -> Any:
 
     if options.acebench_data is None:
         raise ValueError(
-            "acebench-agent needs --data PATH: an ACEBench checkout (data_all/ and model_inference/)"
+            "needs --data PATH (suites.acebench_data): an ACEBench checkout (data_all/ and model_inference/)"
         )
     return AceBenchEnvironment(options.acebench_data, user=options.tau2_user, extra=options.extra)
 

@@ -165,23 +165,44 @@ def _family_block(info: SuiteInfo, environment: Any, config: EvalConfig, outcome
             trials=config.tasks.trials,
             user="; ".join(users) or "none",
             judge=f"{judge.model} at {judge.base_url}" if judge is not None else None,
+            nl_assertion_tasks=len(nl_assertion_tasks(environment, [o.run for o in outcomes])),
         )
     return acebench_block(outcomes)
 
 
-def _needs_user(info: SuiteInfo, runs: Sequence[Any], config: EvalConfig) -> str | None:
-    """Why a suite cannot run without a user simulator (None: it can)."""
+def _needs_user(info: SuiteInfo, runs: Sequence[Any] | None, config: EvalConfig) -> str | None:
+    """Why a suite cannot run without a user simulator (None: it can; ``runs`` None: not planned yet)."""
     options = config.suites
     if info.family == "tau2" and options.tau2_user is None and "tau2_user_factory" not in options.extra:
         return f"{info.name} needs a user simulator"
     if (
         info.family == "acebench"
+        and runs is not None
         and options.tau2_user is None
         and "acebench_user_factory" not in options.extra
         and any(run.category == "agent_multi_turn" for run in runs)
     ):
         return f"{info.name}'s multi-turn tasks need a user simulator (or choose multi-step ones with --ids)"
     return None
+
+
+USER_KEYS = (
+    "set suites.tau2_user.base_url and suites.tau2_user.model (an OpenAI-compatible endpoint: "
+    "envtune-serve, SGLang, vLLM or a hosted API; suites.tau2_user.api_key_env names the environment "
+    "variable holding its key, suites.tau2_user.temperature its sampling temperature)"
+)
+
+
+def nl_assertion_tasks(environment: Any, runs: Sequence[Any]) -> list[str]:
+    """The scored τ² tasks among ``runs`` whose reward includes tau2's NL assertions."""
+    task_map = getattr(environment, "task_map", {})
+    return sorted(
+        {
+            run.task_id
+            for run in runs
+            if run.scored and "NL_ASSERTION" in getattr(task_map.get(run.task_id), "reward_basis", ())
+        }
+    )
 
 
 def open_suite_environments(
@@ -201,6 +222,9 @@ def open_suite_environments(
     try:
         for name in tasks.suites:
             info = get_suite(name)
+            reason = _needs_user(info, None, config)
+            if reason is not None:  # before opening: tau2's tool worker takes seconds to start
+                raise ConfigError(f"{reason}: {USER_KEYS}")
             try:
                 environment = info.open(config.suites, shared)
             except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
@@ -208,26 +232,30 @@ def open_suite_environments(
             if info.family == "bfcl-v3":
                 environment = BfclV3Suite(environment, tasks.split, tasks.categories)
             environments[name] = environment
-            ids = ids_for_suite(name, tasks.ids, suite_names()) if tasks.ids else None
+            ids = ids_for_suite(name, tasks.ids, suite_names())
             runs = plan_runs(environment.tasks(), ids=ids, limit=tasks.limit, trials=tasks.trials)
             if not any(run.scored for run in runs):
                 raise ConfigError(f"{name}: no task chosen (tasks.ids {list(tasks.ids)} names none of it)")
             reason = _needs_user(info, runs, config)
             if reason is not None:
-                raise ConfigError(
-                    f"{reason}: set suites.tau2_user.base_url and suites.tau2_user.model (an "
-                    "OpenAI-compatible endpoint: envtune-serve, SGLang, vLLM or a hosted API)"
-                )
+                raise ConfigError(f"{reason}: {USER_KEYS}")
+            if info.family == "tau2" and config.suites.tau2_judge is None:
+                needing = nl_assertion_tasks(environment, runs)
+                if needing:
+                    raise ConfigError(
+                        f"{name}: tasks {needing} are scored on natural-language assertions, which need "
+                        "a judge: set suites.tau2_judge.base_url and suites.tau2_judge.model (or leave "
+                        "those tasks out with --ids)"
+                    )
             plans[name] = runs
-        if tasks.ids:
-            known = {(name, run.task_id) for name, runs in plans.items() for run in runs}
-            for item in tasks.ids:
-                if not any(
-                    (name, task_id) in known
-                    for name in plans
-                    for task_id in ids_for_suite(name, [item], suite_names())
-                ):
-                    raise ConfigError(f"tasks.ids: {item!r} is not a task of {list(plans)}")
+        for item in tasks.ids:
+            prefix, sep, rest = item.partition(":")
+            if sep and prefix in suite_names():
+                found = prefix in plans and any(run.task_id == rest for run in plans[prefix])
+            else:
+                found = any(run.task_id == item for runs in plans.values() for run in runs)
+            if not found:
+                raise ConfigError(f"tasks.ids: {item!r} is not a task of {list(plans)}")
     except BaseException:
         close_environments(environments, shared)
         raise
@@ -243,10 +271,18 @@ def close_environments(environments: Mapping[str, Any], shared: Mapping[str, Any
     close_shared(shared)
 
 
+def output_path(config: EvalConfig) -> Path:
+    """Where eval.json goes: ``output``, else ``<run>/eval.json``, else ``evals/<UTC timestamp>/``."""
+    from envtune.runtime.recipe.eval_output import default_output
+
+    return Path(config.output) if config.output else default_output(config.run)
+
+
 async def run_eval(
-    config: EvalConfig, *, progress: bool = True, console: Any = None
-) -> tuple[dict[str, Any], Path]:
-    """Evaluate, writing eval.json after every suite; returns (the result, its path)."""
+    config: EvalConfig, output: Path, *, progress: bool = True, console: Any = None
+) -> dict[str, Any]:
+    """Evaluate, writing ``output`` (eval.json) after every suite and, with what finished, when
+    interrupted (``complete`` false); returns the result."""
     from envtune.agents.chat_tokens import ChatTokenizer
     from envtune.agents.config import AgentConfig
     from envtune.agents.grammar import ConstraintCache
@@ -268,14 +304,12 @@ async def run_eval(
         provenance.update(checkpoint_step=step, policy_version=version)
     if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
         raise ConfigError(f"adapter {adapter_path} is not a peft adapter folder (no adapter_config.json)")
-    output = Path(config.output) if config.output else eval_output.default_output(config.run)
     trajectories = eval_output.trajectories_path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    trajectories.write_text("", encoding="utf-8")
     started = time.monotonic()
     result: dict[str, Any] = {
         "schema_version": eval_output.SCHEMA_VERSION,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "complete": False,
         "seconds": 0.0,
         "model": config.model.path or "tiny local model",
         "adapter": str(adapter_path) if adapter_path is not None else None,
@@ -284,10 +318,28 @@ async def run_eval(
         "sampling": eval_output.plain(config.sampling),
         "conditions": eval_output.plain(config.conditions),
         "trajectories": trajectories.name,
+        "overall": eval_output.overall({}),
         "suites": {},
     }
+
+    def record(name: str, info: SuiteInfo, environment: Any, outcomes: Sequence[Any], complete: bool) -> None:
+        entry = eval_output.summarize_suite(
+            info,
+            outcomes,
+            options=eval_output.suite_options(info, config.suites),
+            trajectories=trajectories.name,
+            family_block=_family_block(info, environment, config, outcomes),
+        )
+        entry["complete"] = complete
+        result["suites"][name] = entry
+        result["overall"] = eval_output.overall(result["suites"])
+        result["seconds"] = round(time.monotonic() - started, 3)
+        eval_output.write_eval(output, result)
+
     environments, shared, plans = await asyncio.to_thread(open_suite_environments, config)
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        trajectories.write_text("", encoding="utf-8")
         async with open_engines(config.model, config.engine) as engines:
             adapter = None
             if adapter_path is not None:
@@ -307,7 +359,7 @@ async def run_eval(
                 environment = environments[name]
                 scored = sum(run.scored for run in runs)
                 log.info("eval_suite_started", suite=name, tasks=scored, unscored=len(runs) - scored)
-                counts = {"done": 0, "passed": 0, "errors": 0}
+                finished_outcomes: list[EpisodeOutcome] = []
                 with (
                     RunProgress(
                         len(runs), 0, console=console, enabled=progress, label=name, unit="task"
@@ -322,44 +374,43 @@ async def run_eval(
                         log_file: Any = log_file,
                         name: str = name,
                         total: int = len(runs),
-                        counts: dict[str, int] = counts,
+                        done: list[EpisodeOutcome] = finished_outcomes,
                         every: int = every,
                     ) -> None:
-                        counts["done"] += 1
-                        counts["passed"] += bool(outcome.verdict is not None and outcome.verdict.passed)
-                        counts["errors"] += outcome.error is not None
-                        record = eval_output.trajectory_record(name, outcome)
-                        log_file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-                        if counts["done"] % every == 0 or counts["done"] == total:
-                            display.advance(
-                                counts["done"], f"passed {counts['passed']} · errors {counts['errors']}"
-                            )
+                        done.append(outcome)
+                        line = eval_output.trajectory_record(name, outcome)
+                        log_file.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                        log_file.flush()  # an interrupted evaluation keeps every finished episode
+                        if len(done) % every == 0 or len(done) == total:
+                            passed = sum(o.verdict is not None and o.verdict.passed for o in done)
+                            errors = sum(o.error is not None for o in done)
+                            display.advance(len(done), f"passed {passed} · errors {errors}")
 
-                    outcomes = await run_suite(
-                        engines.client,
-                        environment,
-                        chat,
-                        runs,
-                        suite=name,
-                        agent=agent,
-                        episode_config=_episode_config(info, config),
-                        concurrency=config.conditions.concurrency,
-                        blocking=info.blocking_steps,
-                        constraints=constraints,
-                        on_finished=finished,
-                    )
-                result["suites"][name] = eval_output.summarize_suite(
-                    info,
-                    outcomes,
-                    options=eval_output.suite_options(info, config.suites),
-                    trajectories=trajectories.name,
-                    family_block=_family_block(info, environment, config, outcomes),
-                )
-                result["seconds"] = round(time.monotonic() - started, 3)
-                eval_output.write_eval(output, result)  # after every suite: a crash keeps the finished ones
+                    try:
+                        outcomes = await run_suite(
+                            engines.client,
+                            environment,
+                            chat,
+                            runs,
+                            suite=name,
+                            agent=agent,
+                            episode_config=_episode_config(info, config),
+                            concurrency=config.conditions.concurrency,
+                            blocking=info.blocking_steps,
+                            constraints=constraints,
+                            on_finished=finished,
+                        )
+                    except (asyncio.CancelledError, KeyboardInterrupt):
+                        # Ctrl-C: what finished is kept (the suite marked incomplete), then the stop goes on.
+                        record(name, info, environment, finished_outcomes, complete=False)
+                        raise
+                record(name, info, environment, outcomes, complete=True)
+        result["complete"] = True
+        result["seconds"] = round(time.monotonic() - started, 3)
+        eval_output.write_eval(output, result)
     finally:
         await asyncio.to_thread(close_environments, environments, shared)
-    return result, output
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -376,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "list" in args.suites:
         print(listing())
         return
+    unknown = [name for name in args.suites if name not in suite_names()]
+    if unknown:
+        parser.exit(2, f"envtune-eval: error: unknown suite {unknown[0]!r}; the suites:\n{listing()}\n")
     try:
         config = resolve_config(args)
     except ConfigError as exc:
@@ -388,13 +442,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         level = console_level(verbose=args.verbose, quiet=args.quiet)
         console = configure_logging(level if args.verbose or args.quiet else config.logging.level)  # type: ignore[arg-type]
+    output = output_path(config)
     try:
-        result, output = asyncio.run(run_eval(config, progress=not args.no_progress, console=console))
+        result = asyncio.run(run_eval(config, output, progress=not args.no_progress, console=console))
     except (ConfigError, FileNotFoundError) as exc:
         parser.exit(2, f"envtune-eval: error: {exc}\n")
+    except KeyboardInterrupt:
+        kept = f"; what finished is in {output}" if output.is_file() else ""
+        parser.exit(130, f"envtune-eval: interrupted{kept}\n")
     if args.json:
         sys.stdout.write(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-        print(output, file=sys.stderr)
     else:
         sys.stdout.write(format_table(result) + "\n")
         print(output)

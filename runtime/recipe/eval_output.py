@@ -2,28 +2,35 @@
 
 ``eval.json`` (``SCHEMA_VERSION`` 1)::
 
-    schema_version, created (UTC ISO), seconds, model, adapter, run, checkpoint_step, policy_version,
+    schema_version, created (UTC ISO), complete (false: interrupted, holds what finished), seconds,
+    model, adapter, run, checkpoint_step, policy_version (the --run checkpoint's; else null),
     engine, sampling, conditions, trajectories (file name, beside eval.json),
+    overall: {suites, tasks, passed, errors, accuracy (mean of the suites' accuracies),
+              micro_accuracy (passed / tasks over every suite)},
     suites: {NAME: {
         family, metric, options,          # the suite's settings that shaped its numbers
+        complete,                         # false: interrupted; the counts are of what finished
         tasks, passed, accuracy,          # scored episodes (trials count one each), passed, headline
         micro_accuracy, errors,           # passed / tasks; episodes that raised (failed, with reason)
         unscored_tasks,                   # set-up episodes run for dependencies (memory prerequisites)
         categories: {CATEGORY: {tasks, passed, accuracy}},
-        verdicts: [{task_id, category, passed, reward, trial, detail}],
+        verdicts: [{task_id, category, passed, reward, trial, detail}],  # one per scored episode
         trajectories,                     # the file holding this suite's episodes
         bfcl_v3: {split, categories} | bfcl_v4: {...} | tau2: {split, trials, average_reward,
-        pass_hat: {k: value}, user_simulator, nl_judge} | acebench: {process_accuracy: {...}}}}
+        pass_hat: {k: value}, user_simulator, nl_judge, nl_assertion_tasks}
+        | acebench: {process_accuracy: {...}}}}
 
 ``accuracy`` is each benchmark's headline: BFCL V3's overall is the unweighted mean of its category
 accuracies (BFCL's multi-turn summary; with equal categories it is the plain mean); every other suite
-reports passed / tasks (τ²'s pass^1 over all trials, BFCL V4's and ACEBench's accuracy).
+reports passed / tasks (τ²'s pass^1 over all trials, BFCL V4's and ACEBench's accuracy). A verdict's
+``detail`` explains it in the benchmark's terms; an episode that raised has ``detail.error``.
 
 The trajectories file has one JSON line per episode (scored or not, failed or not), every key
 present (null where it does not apply): ``suite, task_id, category, trial, scored, passed, reward,
 error, progress, format_reward, tool_reward, turn_passed, step_codes, prompt_tokens,
 completion_tokens, total_tokens, truncated, seconds, messages, tool_calls`` -- ``messages`` and
-``tool_calls`` in the shape of the training run's trajectory log (``trajectory_log.py``).
+``tool_calls`` in the shape of the training run's trajectory log (``trajectory_log.py``). Lines are
+written as episodes end, so an interrupted evaluation keeps every finished one.
 
 Left out: running anything.
 """
@@ -155,8 +162,28 @@ def summarize_suite(
     return entry
 
 
+def overall(suites: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The ``overall`` entry: every suite's counts added up, and the mean of their accuracies."""
+    tasks = sum(int(suite["tasks"]) for suite in suites.values())
+    passed = sum(int(suite["passed"]) for suite in suites.values())
+    return {
+        "suites": len(suites),
+        "tasks": tasks,
+        "passed": passed,
+        "errors": sum(int(suite["errors"]) for suite in suites.values()),
+        "accuracy": statistics.fmean(s["accuracy"] for s in suites.values()) if suites else 0.0,
+        "micro_accuracy": _rate(passed, tasks),
+    }
+
+
 def tau2_block(
-    outcomes: Sequence[EpisodeOutcome], *, split: str, trials: int, user: str, judge: str | None
+    outcomes: Sequence[EpisodeOutcome],
+    *,
+    split: str,
+    trials: int,
+    user: str,
+    judge: str | None,
+    nl_assertion_tasks: int = 0,
 ) -> dict[str, Any]:
     """τ²'s aggregate metrics (average reward, pass^k for k up to the trials) as tau2 computes them."""
     from envtune.environments.tau2.metrics import compute_metrics
@@ -170,6 +197,7 @@ def tau2_block(
         "pass_hat": {str(k): v for k, v in metrics.pass_hat.items()},
         "user_simulator": user,
         "nl_judge": judge,
+        "nl_assertion_tasks": nl_assertion_tasks,
     }
 
 
@@ -269,6 +297,18 @@ def format_table(result: Mapping[str, Any]) -> str:
         if tau2 and len(tau2["pass_hat"]) > 1:
             hats = ", ".join(f"pass^{k} {100 * v:.2f}%" for k, v in tau2["pass_hat"].items())
             rows.append((name, f"({hats})", "", "", "", ""))
+    overall_entry = result.get("overall")
+    if overall_entry and len(result["suites"]) > 1:
+        rows.append(
+            (
+                "(all suites)",
+                "(mean of suites)",
+                str(overall_entry["tasks"]),
+                str(overall_entry["passed"]),
+                f"{100 * overall_entry['accuracy']:.2f}%",
+                str(overall_entry["errors"]),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
@@ -279,4 +319,21 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.extend(table_notes(result))
     return "\n".join(lines)
+
+
+def table_notes(result: Mapping[str, Any]) -> list[str]:
+    """Lines under the table: what the numbers do not cover (an interruption, unjudged assertions)."""
+    notes = []
+    if not result.get("complete", True):
+        notes.append("note: interrupted; the counts are of the episodes that finished")
+    for name, suite in result["suites"].items():
+        tau2 = suite.get("tau2")
+        if tau2 is not None and tau2.get("nl_judge") is None:
+            notes.append(
+                f"note: {name}: tau2's natural-language assertions are judged only with a judge endpoint "
+                f"(suites.tau2_judge); none configured, and {tau2.get('nl_assertion_tasks', 0)} of the "
+                "chosen tasks are scored on them"
+            )
+    return notes

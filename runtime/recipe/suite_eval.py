@@ -91,8 +91,9 @@ class PlannedRun:
     """0 .. trials-1 for a scored task."""
 
 
-def ids_for_suite(suite: str, ids: Sequence[str], known_suites: Sequence[str]) -> set[str]:
-    """The ids of ``ids`` meant for ``suite``: plain ``ID`` (any suite) or ``SUITE:ID``."""
+def ids_for_suite(suite: str, ids: Sequence[str], known_suites: Sequence[str]) -> set[str] | None:
+    """The ids of ``ids`` meant for ``suite``: plain ``ID`` (every suite) or ``SUITE:ID``; None when no
+    id addresses the suite (its own selection, ``limit``, applies)."""
     chosen = set()
     for item in ids:
         prefix, sep, rest = item.partition(":")
@@ -101,7 +102,7 @@ def ids_for_suite(suite: str, ids: Sequence[str], known_suites: Sequence[str]) -
                 chosen.add(rest)
         else:
             chosen.add(item)
-    return chosen
+    return chosen or None
 
 
 def plan_runs(
