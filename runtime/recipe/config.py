@@ -349,11 +349,13 @@ class EvalTasksConfig:
     categories: tuple[str, ...] = CATEGORIES
     """BFCL V3: categories."""
     limit: int = 0
-    """At most this many scored tasks per category of every suite (0 = all); the tasks they depend on
-    (BFCL V4 memory's prerequisite conversations) run too, unscored."""
+    """At most this many scored tasks per category of every suite (0 = all; not applied to tasks named
+    in ``ids``); the tasks they depend on (BFCL V4 memory's prerequisite conversations) run too,
+    unscored."""
     ids: tuple[str, ...] = ()
-    """Only these task ids (``ID`` in every chosen suite that has it, or ``SUITE:ID``); empty = all
-    (up to ``limit``). Their dependencies run too, unscored."""
+    """Only these task ids: ``ID`` in every chosen suite, or ``SUITE:ID`` in that one (a suite no id
+    addresses keeps its own selection, up to ``limit``); empty = all. Their dependencies run too,
+    unscored."""
     trials: int = 1
     """Episodes per scored task (τ²'s pass^k needs k trials; accuracy counts every trial)."""
 

@@ -110,8 +110,8 @@ def plan_runs(
 ) -> list[PlannedRun]:
     """The runs of one suite, in the suite's task order (see the module docstring).
 
-    ``ids`` (None: no restriction) picks tasks by id; ``limit`` keeps at most that many scored tasks
-    per category (0: all). Raises ``ConfigError`` for a dependency on an unknown task or a cycle.
+    ``ids`` (None: no restriction) picks tasks by id; without them, ``limit`` keeps at most that many
+    scored tasks per category (0: all). Raises ``ConfigError`` for a dependency on an unknown task or a cycle.
     """
     by_id = {task.id: task for task in tasks}
     chosen: list[SuiteTask] = []
@@ -121,7 +121,7 @@ def plan_runs(
             continue
         if ids is None and not task.scored:
             continue  # set-up tasks come in only as dependencies
-        if task.scored and limit:
+        if task.scored and limit and ids is None:  # ids named one by one are all run
             if per_category.get(task.category, 0) >= limit:
                 continue
             per_category[task.category] = per_category.get(task.category, 0) + 1
