@@ -273,6 +273,40 @@ def test_interrupted_evaluation_keeps_what_finished(
     assert len(_lines(trajectories_path(output))) == 1
 
 
+def test_ctrl_c_exits_130_and_keeps_the_finished_episodes(tmp_path: Path) -> None:
+    """A real SIGINT to a real ``envtune-eval`` process once some episodes have finished."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "eval.json"
+    argv = ["--suite", "bfcl-v3", "--limit", "3", "--set", "conditions.concurrency=2", *SHORT]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "envtune.runtime.cli.evaluate", *argv, "--output", str(output)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    log = trajectories_path(output)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and log.read_text().strip():
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert f"what finished is in {output}" in err
+    result = json.loads(output.read_text())
+    suite = result["suites"]["bfcl-v3"]
+    assert result["complete"] is False and suite["complete"] is False
+    assert 1 <= suite["tasks"] < 12 and suite["tasks"] == len(suite["verdicts"])
+    assert len(_lines(log)) >= suite["tasks"]  # every finished episode is in the trajectories
+
+
 # --- listing and errors -----------------------------------------------------------------------------------
 
 
