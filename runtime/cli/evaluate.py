@@ -15,6 +15,10 @@ engine of its ``config.toml`` and writes ``eval.json`` into the run folder; else
 episodes concurrently (``conditions.concurrency``), under each benchmark's evaluation conditions.
 A progress display runs on stderr; the table goes to stdout, then the path of ``eval.json`` as the
 last line (``--json``: eval.json itself instead of the table).
+
+Bad input (an unknown suite, a missing ``--data``, OOD environment or user simulator) exits with
+status 2 before any engine starts; an episode that raises is one failed task with its error in the
+verdict; Ctrl-C exits with 130, ``eval.json`` keeping what finished (``complete`` false).
 """
 
 from __future__ import annotations
