@@ -189,9 +189,7 @@ def test_every_suite_family_end_to_end(
     assert sum(line["error"] is not None for line in lines) == 2
 
 
-def test_run_folder_evaluates_its_final_adapter(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_run_folder_evaluates_its_final_adapter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from envtune.optim.lora import LoraSettings, attach_lora, save_adapter
     from envtune.runtime.engines.tiny_model import build_tiny_model, default_tiny_model_dir
     from envtune.runtime.recipe.run_folder import RunFolder
@@ -256,7 +254,9 @@ def test_interrupted_evaluation_keeps_what_finished(
         engine: Any, environment: Any, chat: Any, runs: Any, *, suite: str, on_finished: Any, **kw: Any
     ) -> Any:
         verdict = suite_eval.failed_verdict(runs[0], suite, "finished before the stop")
-        on_finished(suite_eval.EpisodeOutcome(runs[0], verdict, None, None, EpisodeTranscript().freeze(), 0.1))
+        on_finished(
+            suite_eval.EpisodeOutcome(runs[0], verdict, None, None, EpisodeTranscript().freeze(), 0.1)
+        )
         raise asyncio.CancelledError
 
     monkeypatch.setattr(engine_stack, "open_engines", no_engine)
@@ -339,7 +339,13 @@ def test_unknown_suite_lists_the_suites(capsys: pytest.CaptureFixture[str]) -> N
         (["--suite", "bfcl-v3", "--trials", "0"], "trials must be >= 1"),
         (["--suite", "bfcl-v3", "--set", "suites.tau2_user.model=m"], "missing required key 'base_url'"),
         (
-            ["--suite", "tau2-retail", *_user_args("http://h:1/v1"), "--set", "suites.tau2_user.temperature=3"],
+            [
+                "--suite",
+                "tau2-retail",
+                *_user_args("http://h:1/v1"),
+                "--set",
+                "suites.tau2_user.temperature=3",
+            ],
             "temperature must be in [0, 2]",
         ),
     ],
