@@ -408,3 +408,22 @@ def test_ids_address_one_suite_or_every_suite() -> None:
     assert ids_for_suite("tau2-retail", ["tau2-retail:0", "bfcl-v3:x"], known) == {"0"}
     assert ids_for_suite("bfcl-v3", ["tau2-retail:0"], known) is None  # its own selection applies
     assert ids_for_suite("bfcl-v3", ["plain", "tau2-retail:0"], known) == {"plain"}
+
+
+def test_progress_counts_tasks_per_suite() -> None:
+    """Without a terminal the display prints ``SUITE task DONE/TOTAL status`` lines (on a terminal, a bar
+    titled with the suite)."""
+    import io
+
+    from envtune.runtime.recipe.progress import RunProgress
+    from rich.console import Console
+
+    sink = io.StringIO()
+    console = Console(file=sink, force_terminal=False, width=200)
+    with RunProgress(12, 0, console=console, label="tau2-retail", unit="task") as display:
+        assert not display.live
+        display.advance(3, "passed 1 · errors 0")
+    assert sink.getvalue().strip() == "tau2-retail task 3/12 passed 1 · errors 0"
+    with RunProgress(12, 0, console=console, enabled=False, label="x", unit="task") as display:
+        display.advance(4, "quiet")
+    assert "quiet" not in sink.getvalue()
