@@ -5,8 +5,11 @@ the prompt is rendered once; each reply is kept exactly as the engine sampled it
 logprobs, the policy version that sampled it, loss mask on); the reply's text goes to
 ``episode.step``; the environment's messages are tokenized alone and appended (loss mask off). The
 environment decides turn ends, the per-turn step limit, revealed functions and scores; this loop
-only stops early at the length caps of ``SamplingConfig`` (marked truncated). The trajectory carries
-the ``Transcript`` too: the opening messages and each reply's text with the environment's result.
+only stops early at the length caps of ``SamplingConfig`` (marked truncated). An episode whose
+``step`` blocks (a simulated user over HTTP, tools in a child process) may return an awaitable
+instead, which ``run_episode`` awaits (``AwaitableStepEpisode``), so the event loop keeps running.
+The trajectory carries the ``Transcript`` too: the opening messages and each reply's text with the
+environment's result.
 
 ``run_episode_sync`` is the reference loop: the same episode, written top to bottom against a plain
 ``generate`` function. Tests check that both produce the same trajectory.
@@ -18,7 +21,7 @@ the episode object (creating and closing it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -49,6 +52,18 @@ class EpisodeLike(Protocol):
     def start(self) -> tuple[Message, ...]: ...
 
     def step(self, reply: str) -> StepResult: ...
+
+    def visible_tools(self) -> tuple[FunctionDoc, ...]: ...
+
+    def score(self) -> EpisodeScore: ...
+
+
+class AwaitableStepEpisode(Protocol):
+    """An episode whose ``step`` answers later (``run_episode`` only; it awaits the step)."""
+
+    def start(self) -> tuple[Message, ...]: ...
+
+    def step(self, reply: str) -> Awaitable[StepResult]: ...
 
     def visible_tools(self) -> tuple[FunctionDoc, ...]: ...
 
@@ -153,7 +168,7 @@ def build_trajectory(
 
 async def run_episode(
     engine: Engine,
-    episode: EpisodeLike,
+    episode: EpisodeLike | AwaitableStepEpisode,
     chat: ChatTokenizer,
     config: AgentConfig,
     *,
@@ -190,7 +205,8 @@ async def run_episode(
         buffer.add_sampled(completion, constraint)
         stopped = completion.finish_reason is FinishReason.STOP
         text = chat.decode_reply(completion.token_ids, stopped=stopped)
-        result = episode.step(text)
+        stepped = episode.step(text)
+        result = stepped if isinstance(stepped, StepResult) else await stepped
         replies.append(Reply.of(text, result))
         if result.done:
             truncated = False

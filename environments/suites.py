@@ -17,14 +17,19 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from envtune.environments.endpoint import EndpointConfig
+
 if TYPE_CHECKING:
-    from envtune.environments.tau2.user import EndpointConfig
     from envtune.environments.tau2.worker import Tau2Worker
 
 
 @dataclass(frozen=True, slots=True)
 class SuiteOptions:
-    """Settings of the out-of-distribution suites (one record for all; each suite reads its part)."""
+    """Settings of the out-of-distribution suites (one record for all; each suite reads its part).
+
+    ``envtune-eval`` takes this record unchanged as its ``suites`` config section
+    (``--set suites.tau2_split=test``); ``extra`` is not a config key.
+    """
 
     seed: int = 0
     """Seeds injected web failures (per task)."""
@@ -41,17 +46,19 @@ class SuiteOptions:
     memory_embedder: str = "hashing"
     """``hashing`` (offline, not MiniLM) or the path of a local sentence-transformers model folder."""
     tau2_split: str = "base"
-    """tau2 split: ``base`` (airline 50, retail 114, telecom 114) or ``test`` (20, 40, 40)."""
+    """tau2 split: ``base`` (airline 50, retail 114, telecom 114) or ``test`` (20, 40, 40; the split the
+    paper's Table 2 figures correspond to)."""
     tau2_user: EndpointConfig | None = None
-    """The user simulator's OpenAI-compatible endpoint (required to run τ² against a model)."""
+    """The user simulator's OpenAI-compatible endpoint (required to run τ², and ACEBench's multi-turn
+    tasks, against a model); a table: base_url, model, temperature, ..."""
     tau2_judge: EndpointConfig | None = None
     """Optional judge endpoint for NL assertions (without it, tasks scored on them are refused)."""
     tau2_python: Path | None = None
-    """Python of the OOD extra environment (default ``.cache/ood-venv/bin/python``)."""
+    """Python of the OOD extra environment (none: ``.cache/ood-venv/bin/python``)."""
     acebench_data: Path | None = None
-    """An ACEBench checkout (data and scenario classes), for ``acebench-agent``."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    """Test hooks (e.g. ``tau2_user_factory``); not a user setting."""
+    """An ACEBench checkout (data and scenario classes), for ``acebench-agent`` (``--data PATH``)."""
+    extra: Mapping[str, Any] = field(default_factory=dict, metadata={"config": False})
+    """Test hooks (e.g. ``tau2_user_factory``); not a user setting and not a config key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +154,7 @@ def _acebench(options: SuiteOptions, shared: dict[str, Any]) -> Any:
 
     if options.acebench_data is None:
         raise ValueError(
-            "acebench-agent needs --data PATH: an ACEBench checkout (data_all/ and model_inference/)"
+            "needs --data PATH (suites.acebench_data): an ACEBench checkout (data_all/ and model_inference/)"
         )
     return AceBenchEnvironment(options.acebench_data, user=options.tau2_user, extra=options.extra)
 

@@ -95,9 +95,15 @@ class WorkerProcess:
 
     def _kill(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
+        if process is None:
+            return
+        if process.poll() is None:
             process.kill()
             process.wait()
+        for stream in (process.stdin, process.stdout):  # Popen leaves its pipes open after wait
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
     def close(self) -> None:
         with self._lock:

@@ -195,19 +195,23 @@ def test_smoke_run_resume_and_eval(smoke_run: Path, capsys: pytest.CaptureFixtur
     page = (folder / "report" / "index.html").read_text()
     assert "rewards.png" in page and "syntax" in page
     assert (folder / "report" / "rewards.png").read_bytes()[:4] == b"\x89PNG"
-    # Evaluate the trained adapter on one validation task.
-    adapter = RunFolder(folder).latest_complete_checkpoint().path / "adapter"  # type: ignore[union-attr]
+    # 3. Evaluate the run's final adapter (step 2's checkpoint) on one validation task: eval.json goes
+    #    into the run folder, and --json prints it.
+    capsys.readouterr()
     eval_main(
         [
-            "--adapter", str(adapter), "--no-results",
-            "--set", "tasks.split=validation", "--set", "tasks.categories=base", "--set", "tasks.limit=1",
+            "--run", str(folder), "--json", "--no-progress",
+            "--set", "tasks.split=validation", "--set", "tasks.categories=base", "--limit", "1",
             "--set", "conditions.episode.max_steps_per_turn=1", "--set", "sampling.max_new_tokens=16",
             "--set", "logging.format=json",
         ]
     )  # fmt: skip
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 1 and set(result["categories"]) == {"base"}
-    assert 0.0 <= result["overall_accuracy"] <= 1.0 and result["errors"] == 0
+    assert result == json.loads((folder / "eval.json").read_text())
+    assert result["checkpoint_step"] == 2 and result["adapter"].endswith("step-000002/adapter")
+    suite = result["suites"]["bfcl-v3"]
+    assert suite["tasks"] == 1 and set(suite["categories"]) == {"base"}
+    assert 0.0 <= suite["accuracy"] <= 1.0 and suite["errors"] == 0
 
 
 def test_tensorboard_reads_the_runs_events(smoke_run: Path) -> None:

@@ -55,11 +55,16 @@ for it. When your goal has been achieved (or cannot be), reply with exactly: fin
 
 @dataclass(frozen=True, slots=True)
 class AceEpisodeConfig:
+    """How an ACEBench agent episode is run."""
+
     prompt_style: PromptStyle = PromptStyle.BASIC
+    """envtune's system-prompt variant (the format rules, then the task's functions)."""
     require_think: bool = True
+    """Whether a reply must open with a <think> block (paper format)."""
     max_messages: int = 40
     """ACEBench's ``max_dialog_turns``: agent, tool-result and user messages all count."""
     tool_timeout_s: float = 20.0
+    """Longest a single tool call may run in the scenario's child process."""
 
 
 def render_step(calls: tuple[ToolCall, ...]) -> str:

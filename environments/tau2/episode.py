@@ -70,6 +70,7 @@ class Tau2EpisodeConfig:
     prompt_style: PromptStyle = PromptStyle.BASIC
     """envtune's system-prompt variant (the format rules); the domain policy follows it."""
     require_think: bool = True
+    """Whether a reply must open with a <think> block (paper format)."""
     max_steps: int = 200
     """tau2's default ``max_steps`` (every message and tool-result batch counts)."""
     max_errors: int = 10

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from envtune.environments.endpoint import EndpointConfig as EndpointConfig
 from envtune.environments.types import ToolCall
 
 STOP_TOKENS: tuple[str, ...] = ("###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE###")
@@ -85,30 +86,6 @@ class ScriptedUser:
         item = self.script[self.position]
         self.position += 1
         return item
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointConfig:
-    """An OpenAI-compatible chat endpoint (user simulator or NL-assertion judge)."""
-
-    base_url: str
-    """E.g. ``http://localhost:30000/v1``; ``/chat/completions`` is appended."""
-    model: str
-    """The ``model`` field of the request."""
-    temperature: float = 0.0
-    """tau2's default for its user simulator and judge."""
-    api_key_env: str | None = None
-    """Name of an environment variable holding a bearer token (None: no Authorization header)."""
-    timeout_s: float = 120.0
-    max_tokens: int = 1024
-
-    def __post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
-        if not self.model:
-            raise ValueError("model must be set")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
 
 
 def chat_completion(

@@ -26,8 +26,11 @@ from typing import Literal
 
 from envtune.agents.config import SamplingConfig
 from envtune.agents.grammar import GrammarOptions
+from envtune.environments.acebench.episode import AceEpisodeConfig
 from envtune.environments.episode import EVAL_MAX_STEPS_PER_TURN, EpisodeConfig
+from envtune.environments.suites import SuiteOptions, suite_names
 from envtune.environments.tasks import CATEGORIES
+from envtune.environments.tau2.episode import Tau2EpisodeConfig
 from envtune.environments.types import FeedbackMode, PromptStyle, RewardKind
 from envtune.optim.config import LearnerConfig
 from envtune.runtime.engines.settings import (
@@ -410,14 +413,24 @@ def _validate_run(config: Config) -> None:
 
 @dataclass(frozen=True, slots=True)
 class EvalTasksConfig:
-    """Which tasks ``envtune-eval`` runs."""
+    """Which suites and tasks ``envtune-eval`` runs."""
 
+    suites: tuple[str, ...] = ("bfcl-v3",)
+    """Suites, run one after the other (``--suite NAME``; ``envtune-eval --suite list`` lists them)."""
     split: Literal["test", "validation", "train", "train_minus_validation"] = "test"
-    """Part of the committed split (BFCL's held-in test half by default)."""
+    """BFCL V3: part of the committed split (BFCL's held-in test half by default)."""
     categories: tuple[str, ...] = CATEGORIES
-    """BFCL categories."""
+    """BFCL V3: categories."""
     limit: int = 0
-    """At most this many tasks per category (0 = all)."""
+    """At most this many scored tasks per category of every suite (0 = all; not applied to tasks named
+    in ``ids``); the tasks they depend on (BFCL V4 memory's prerequisite conversations) run too,
+    unscored."""
+    ids: tuple[str, ...] = ()
+    """Only these task ids: ``ID`` in every chosen suite, or ``SUITE:ID`` in that one (a suite no id
+    addresses keeps its own selection, up to ``limit``); empty = all. Their dependencies run too,
+    unscored."""
+    trials: int = 1
+    """Episodes per scored task (τ²'s pass^k needs k trials; accuracy counts every trial)."""
 
     def __post_init__(self) -> None:
         unknown = set(self.categories) - set(CATEGORIES)
@@ -425,6 +438,14 @@ class EvalTasksConfig:
             raise ValueError(f"categories {sorted(unknown) or 'empty'}; valid: {list(CATEGORIES)}")
         if self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        known = suite_names()
+        bad = [name for name in self.suites if name not in known]
+        if bad or not self.suites:
+            raise ValueError(f"suites {bad or 'empty'}; valid: {list(known)} (envtune-eval --suite list)")
+        if len(set(self.suites)) != len(self.suites):
+            raise ValueError(f"suites named twice: {list(self.suites)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +459,11 @@ class EvalConditions:
             max_steps_per_turn=EVAL_MAX_STEPS_PER_TURN,
         )
     )
-    """Standard feedback, the final stage's prompt, BFCL's 20 replies per turn."""
+    """Standard feedback, the final stage's prompt, BFCL's 20 replies per turn (BFCL V3 and V4)."""
+    tau2: Tau2EpisodeConfig = field(default_factory=Tau2EpisodeConfig)
+    """τ² conversations: tau2's limits (200 messages, 10 failed calls)."""
+    acebench: AceEpisodeConfig = field(default_factory=AceEpisodeConfig)
+    """ACEBench agent episodes: its 40-message dialogue limit."""
     constrained: bool = False
     """Grammar-constrained decoding (off: BFCL evaluates free generation)."""
     concurrency: int = 32
@@ -457,6 +482,9 @@ class EvalConfig:
     """The model evaluated."""
     adapter: str = ""
     """A LoRA adapter folder (peft layout) to evaluate on top of the model; empty = the base model."""
+    run: str = ""
+    """A run folder (``--run``): its final adapter (the last complete checkpoint's) is evaluated, on
+    the model and engine of its ``config.toml`` unless this config sets them; eval.json goes there."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """The inference backend."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
@@ -465,13 +493,19 @@ class EvalConfig:
     """Which tasks."""
     conditions: EvalConditions = field(default_factory=EvalConditions)
     """Under which conditions."""
+    suites: SuiteOptions = field(default_factory=SuiteOptions)
+    """Settings of the out-of-distribution suites (search backend, τ² split and user simulator,
+    ACEBench checkout...)."""
     output: str = ""
-    """Also write the JSON result to this file (empty: stdout only)."""
+    """Where ``eval.json`` is written (the trajectories beside it); empty: ``<run>/eval.json`` with
+    ``run``, else ``evals/<UTC timestamp>/eval.json``."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
 
     def __post_init__(self) -> None:
         _validate_engine(self.model, self.engine)
+        if self.run and self.adapter:
+            raise ConfigError("run and adapter both name the adapter to evaluate; give one")
 
 
 # --- envtune-serve ---------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Typed config records to and from TOML, with ``--set a.b.c=value`` overrides.
 
 Generic over any tree of frozen dataclasses whose leaves are ``bool``, ``int``, ``float``, ``str``,
-``StrEnum``s, ``Literal``s, tuples (``tuple[X, ...]`` or fixed ``tuple[X, Y]``), ``X | None`` and
-tuples of dataclasses (TOML arrays of tables, addressed by number, ``name`` or ``*`` in overrides).
-TOML has no null: ``"none"`` stands for None in files and overrides. Every field needs a default;
+``Path`` (written as a string), ``StrEnum``s, ``Literal``s, tuples (``tuple[X, ...]`` or fixed
+``tuple[X, Y]``), ``X | None`` (also for a table: ``"none"`` or the table) and tuples of dataclasses
+(TOML arrays of tables, addressed by number, ``name`` or ``*`` in overrides). TOML has no null:
+``"none"`` stands for None in files and overrides. A field with ``metadata={"config": False}`` is not
+a config key (it keeps its default). Every field needs a default;
 its docstring (the string under it in the class body) is its documentation in dumped TOML and in
 ``--list-keys``. A wrong key names the valid ones, a wrong type names the expected one, and a
 record's own ``__post_init__`` checks come back as ``ConfigError`` naming the table.
@@ -52,7 +54,13 @@ def _hints(cls: Any) -> dict[str, Any]:
 
 
 def _fields(cls: type) -> list[dataclasses.Field[Any]]:
-    return [f for f in dataclasses.fields(cls) if f.init]
+    return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("config", True)]
+
+
+def _optional_record(tp: Any) -> Any | None:
+    """The dataclass ``X`` when ``tp`` is ``X | None`` (an optional table), else None."""
+    inner = _optional(tp)
+    return inner if _is_record(inner) else None
 
 
 def _optional(tp: Any) -> Any | None:
@@ -73,9 +81,7 @@ def _item_types(tp: Any) -> tuple[Any, ...] | None:
 
 def _is_table_array(tp: Any) -> bool:
     items = _item_types(tp)
-    return (
-        items is not None and len(items) == 2 and items[1] is Ellipsis and _is_record(items[0])
-    )
+    return items is not None and len(items) == 2 and items[1] is Ellipsis and _is_record(items[0])
 
 
 def _type_name(tp: Any) -> str:
@@ -94,7 +100,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {len(items)}: " + ", ".join(_type_name(i) for i in items)
     if _is_record(tp):
         return "table"
-    return {bool: "true | false", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
+    names = {bool: "true | false", int: "integer", float: "number", str: "string", Path: "path"}
+    return names.get(tp, str(tp))
 
 
 # --- typed conversion -------------------------------------------------------------------------------
@@ -150,6 +157,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path (a non-empty string), got {value!r}")
+        return Path(value)
     raise TypeError(f"{key}: unsupported config field type {tp!r}")  # a bug in the schema
 
 
@@ -163,7 +174,13 @@ def _from_mapping(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     kwargs = {}
     for f in _fields(cls):
         if f.name in raw:
-            kwargs[f.name] = _coerce(raw[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+            value = raw[f.name]
+            default = _default_of(cls, f.name)
+            if _is_record(hints[f.name]) and isinstance(value, Mapping) and _is_record(type(default)):
+                # A partial table completes from the field's own default, which may differ from its
+                # class's (EvalConfig.sampling is greedy): missing keys keep the config's defaults.
+                value = merge_tables(to_dict(default), value)
+            kwargs[f.name] = _coerce(value, hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{prefix or 'config'}: missing required key {f.name!r}")
     try:
@@ -172,6 +189,19 @@ def _from_mapping(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def merge_tables(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer`` laid over ``base``: tables merge key by key, anything else (values, arrays, arrays of
+    tables such as ``curriculum.stages``) replaces what ``base`` had."""
+    merged = dict(base)
+    for key, value in layer.items():
+        below = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(below, Mapping):
+            merged[key] = merge_tables(below, value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def to_dict(obj: Any) -> Any:
@@ -184,6 +214,8 @@ def to_dict(obj: Any) -> Any:
         return [to_dict(item) for item in obj]
     if obj is None:
         return NONE
+    if isinstance(obj, Path):
+        return str(obj)
     return obj
 
 
@@ -213,7 +245,7 @@ def _parse_scalar(text: str, tp: Any, key: str) -> Any:
         items = [part.strip() for part in text.split(",") if part.strip()]
         item_type = typing.get_args(tp)[0]
         return [i if item_type is str else _parse_scalar(i, item_type, key) for i in items]
-    if tp is str or origin is Literal or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
+    if tp in (str, Path) or origin is Literal or (isinstance(tp, type) and issubclass(tp, enum.Enum)):
         if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
             return text[1:-1]
         return text
@@ -239,6 +271,7 @@ def _table_indices(items: list[Any], selector: str, key: str) -> list[int]:
 
 
 def _default_of(cls: type, name: str) -> Any:
+    """The field's default value (``dataclasses.MISSING`` when it has none)."""
     field = next(f for f in _fields(cls) if f.name == name)
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
@@ -257,6 +290,12 @@ def _apply(node: dict[str, Any], cls: type, parts: list[str], text: str, key: st
         if not rest:
             raise ConfigError(f"{key} is a table; set one of its keys: {sorted(f.name for f in _fields(tp))}")
         _apply(node.setdefault(head, {}), tp, rest, text, key)
+        return
+    optional_record = _optional_record(tp)
+    if optional_record is not None and rest:
+        if not isinstance(node.get(head), dict):
+            node[head] = {}  # setting a key of an absent ("none") optional table creates it
+        _apply(node[head], optional_record, rest, text, key)
         return
     if _is_table_array(tp) and rest:
         item_cls = typing.get_args(tp)[0]
@@ -312,19 +351,6 @@ def load(cls: type[T], path: Path | None = None, overrides: Sequence[str] = ()) 
     """A ``cls`` from ``path`` (defaults when None) with ``overrides`` applied, validated."""
     raw = read_toml(path) if path is not None else {}
     return from_dict(cls, apply_overrides(cls, raw, overrides))
-
-
-def merge_tables(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
-    """``layer`` laid over ``base``: tables merge key by key, anything else (values, arrays, arrays of
-    tables such as ``curriculum.stages``) replaces what ``base`` had."""
-    merged = dict(base)
-    for key, value in layer.items():
-        below = merged.get(key)
-        if isinstance(value, Mapping) and isinstance(below, Mapping):
-            merged[key] = merge_tables(below, value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_layers(cls: type[T], paths: Sequence[Path], overrides: Sequence[str] = ()) -> T:
@@ -388,7 +414,7 @@ def _dump_table(obj: Any, header: str, array: bool, doc: str, out: list[str]) ->
     tables = []
     for f in _fields(cls):
         tp = _hints(cls)[f.name]
-        if _is_record(tp):
+        if _is_record(tp) or (_optional_record(tp) is not None and getattr(obj, f.name) is not None):
             tables.append((f.name, False))
         elif _is_table_array(tp):
             tables.append((f.name, True))
@@ -424,8 +450,12 @@ def describe_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in _fields(cls):
         tp = _hints(cls)[f.name]
         key = f"{prefix}{f.name}"
+        optional_record = _optional_record(tp)
         if _is_record(tp):
             rows.extend(describe_keys(tp, f"{key}."))
+        elif optional_record is not None:
+            rows.append((key, f"table | {json.dumps(NONE)}", docs.get(f.name, "")))
+            rows.extend(describe_keys(optional_record, f"{key}."))
         elif _is_table_array(tp):
             rows.extend(describe_keys(typing.get_args(tp)[0], f"{key}.<n|name|*>."))
         else:

@@ -305,12 +305,18 @@ class RunProgress:
         console: Console | None = None,
         enabled: bool = True,
         start_step: int = 0,
+        label: str = "train",
+        unit: str = "step",
     ) -> None:
         self.total_steps = total_steps
         self.num_stages = num_stages
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self.start_step = start_step
+        self.label = label
+        """The bar's title (``train``; ``envtune-eval`` shows the suite)."""
+        self.unit = unit
+        """What is counted, in the line printed per update without a terminal."""
         self._progress: Progress | None = None
         self._task: Any = None
         self._redirected: list[tuple[logging.StreamHandler[Any], Any]] = []
@@ -337,7 +343,7 @@ class RunProgress:
             )
             self._progress.start()
             self._task = self._progress.add_task(
-                "train", total=self.total_steps or None, completed=self.start_step, status="starting"
+                self.label, total=self.total_steps or None, completed=self.start_step, status="starting"
             )
             self._redirect_stream_handlers()
         return self
@@ -367,13 +373,19 @@ class RunProgress:
         """Show a learner step's record (``step``, ``stage``, ``stage_name`` and rates if present)."""
         if not self.enabled:
             return
-        status = self.status_text(record)
-        step = int(record["step"])
+        self.advance(int(record["step"]), self.status_text(record))
+
+    def advance(self, completed: int, status: str) -> None:
+        """Show ``completed`` of the total with a status text (what ``update`` does for a step record)."""
+        if not self.enabled:
+            return
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, status=status)
+            self._progress.update(self._task, completed=completed, status=status)
         else:
             of = f"/{self.total_steps}" if self.total_steps else ""
-            self.console.print(Text(f"step {step}{of} {status}"), soft_wrap=True, highlight=False)
+            prefix = f"{self.label} " if self.label != "train" else ""
+            line = f"{prefix}{self.unit} {completed}{of} {status}".rstrip()
+            self.console.print(Text(line), soft_wrap=True, highlight=False)
 
     def status_text(self, record: Mapping[str, Any]) -> str:
         """``stage 2/4 syntax · reward 0.4123 · 1.53 ep/s`` from a record (missing parts left out)."""
