@@ -31,12 +31,15 @@ Saturation: one loop can make ``1e6 / cpu_us_per_call`` calls per second when it
 else; the run also reports the wall-clock rate it reached and the loop's busy fraction (on a
 shared machine the stub competes for the same cores, so the wall rate is a lower bound).
 
-CPython's default GC settings (the product's); the GC's share of the loop CPU is reported (it runs
-inside whatever part allocated). ``ChatTokenizer`` caches an episode's opening prompt per group and
-recently seen environment messages: the run reports its hit rate. Here the scripted policy repeats
-its group's tool calls more than a learning policy would, so the hit rate is an upper end; the
-``tokenize`` part at the hit rate reached is what the figure charges. The machine's load average is
-recorded.
+CPython's default GC settings (the product's); the GC's share of the loop CPU is reported, in total
+and by the part it ran inside (``gc_in_<part>``: a collection runs inside whatever part allocated
+past the threshold, and costs what every part left young: about half of it is young collections,
+two thirds of whose work is the first scan of each new prompt or trajectory tuple, thousands of ids
+each; most of the rest is the rare full collection). ``ChatTokenizer`` caches an episode's opening
+prompt per group and recently seen environment messages: the run reports its hit rate. Here the
+scripted policy repeats its group's tool calls more than a learning policy would, so the hit rate is
+an upper end; the ``tokenize`` part at the hit rate reached is what the figure charges. The
+machine's load average is recorded.
 
     python benchmarks/loop_capacity.py --quick    # ~1 min
     python benchmarks/loop_capacity.py            # more episodes, concurrency and rounds
