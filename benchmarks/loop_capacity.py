@@ -20,21 +20,26 @@ Two arms, interleaved, ``--repeats`` rounds, the same episodes each time:
 
 Parts (event-loop thread CPU, ``time.thread_time``, per engine call): ``tokenize`` (render the
 prompt, append environment messages, decode replies), ``environment`` (episode creation, start,
-step, score), ``request_build`` (the ``/generate`` body, JSON included), ``validation`` (checking
-the response and building the ``Completion``), ``bookkeeping`` (episode loop, rollout actor,
-asyncio) = inproc total - its tokenize - its environment, and ``http`` (the rest of the client
-path: aiohttp, sockets, response parsing) = http total - every other part.
+step, score), ``request_build`` (the ``/generate`` body, JSON encoding included: the client's
+``encode_request``), ``response`` (JSON decoding of the body, every check, building the
+``Completion``s: the client's ``_decode_completions`` and, for a body it does not take, the
+field-by-field ``_completions``), ``bookkeeping`` (episode loop, rollout actor, asyncio) = inproc
+total - its tokenize - its environment, and ``http`` (the rest of the client path: aiohttp, sockets,
+retries and balancing) = http total - every other part.
 
 Saturation: one loop can make ``1e6 / cpu_us_per_call`` calls per second when it does nothing
 else; the run also reports the wall-clock rate it reached and the loop's busy fraction (on a
 shared machine the stub competes for the same cores, so the wall rate is a lower bound).
 
-CPython's default GC settings (the product's); the GC's share of the loop CPU is reported (it runs
-inside whatever part allocated). ``ChatTokenizer`` caches an episode's opening prompt per group and
-recently seen environment messages: the run reports its hit rate. Here the scripted policy repeats
-its group's tool calls more than a learning policy would, so the hit rate is an upper end; the
-``tokenize`` part at the hit rate reached is what the figure charges. The machine's load average is
-recorded.
+CPython's default GC settings (the product's); the GC's share of the loop CPU is reported, in total
+and by the part it ran inside (``gc_in_<part>``: a collection runs inside whatever part allocated
+past the threshold, and costs what every part left young: about half of it is young collections,
+two thirds of whose work is the first scan of each new prompt or trajectory tuple, thousands of ids
+each; most of the rest is the rare full collection). ``ChatTokenizer`` caches an episode's opening
+prompt per group and recently seen environment messages: the run reports its hit rate. Here the
+scripted policy repeats its group's tool calls more than a learning policy would, so the hit rate is
+an upper end; the ``tokenize`` part at the hit rate reached is what the figure charges. The
+machine's load average is recorded.
 
     python benchmarks/loop_capacity.py --quick    # ~1 min
     python benchmarks/loop_capacity.py            # more episodes, concurrency and rounds
@@ -107,14 +112,20 @@ BENCHMARK = Benchmark(
     checks=("trajectories_identical",),
 )
 
-PARTS = ("tokenize", "environment", "request_build", "validation", "http", "bookkeeping")
+PARTS = ("tokenize", "environment", "request_build", "response", "http", "bookkeeping")
+GC_PARTS = ("tokenize", "environment", "request_build", "response", "other")
+"""Where the garbage collector's time is reported (``other``: the untimed rest, http or bookkeeping)."""
 
 
 class Clock:
-    """CPU seconds of the event-loop thread, per part, and of the garbage collector."""
+    """CPU seconds of the event-loop thread, per part, and of the garbage collector (in total and
+    by the part it interrupted: a collection runs inside whatever allocated past the threshold, so
+    its cost is the whole loop's, not that part's)."""
 
     def __init__(self) -> None:
         self.parts: dict[str, float] = dict.fromkeys((*PARTS, "gc"), 0.0)
+        self.gc_in: dict[str, float] = dict.fromkeys(GC_PARTS, 0.0)
+        self.current = "other"
         self._gc_start = 0.0
         gc.callbacks.append(self._on_gc)
 
@@ -122,11 +133,25 @@ class Clock:
         if phase == "start":
             self._gc_start = time.thread_time()
         else:
-            self.parts["gc"] += time.thread_time() - self._gc_start
+            spent = time.thread_time() - self._gc_start
+            self.parts["gc"] += spent
+            self.gc_in[self.current] += spent
+
+    def start(self, part: str) -> tuple[str, str, float]:
+        """Enter ``part``; hand the token to ``stop``."""
+        token = (part, self.current, time.thread_time())
+        self.current = part
+        return token
+
+    def stop(self, token: tuple[str, str, float]) -> None:
+        part, self.current, started = token
+        self.parts[part] += time.thread_time() - started
 
     def reset(self) -> None:
         for key in self.parts:
             self.parts[key] = 0.0
+        for key in self.gc_in:
+            self.gc_in[key] = 0.0
 
 
 class TimedChat:
@@ -134,57 +159,57 @@ class TimedChat:
 
     def __init__(self, chat: ChatTokenizer, clock: Clock) -> None:
         self._chat = chat
-        self._parts = clock.parts
+        self._clock = clock
         self.end_of_turn_id = chat.end_of_turn_id
 
     def render_prompt(self, messages: Sequence[Message]) -> list[int]:
-        t = time.thread_time()
+        t = self._clock.start("tokenize")
         try:
             return self._chat.render_prompt(messages)
         finally:
-            self._parts["tokenize"] += time.thread_time() - t
+            self._clock.stop(t)
 
     def append_messages(self, messages: Sequence[Message]) -> list[int]:
-        t = time.thread_time()
+        t = self._clock.start("tokenize")
         try:
             return self._chat.append_messages(messages)
         finally:
-            self._parts["tokenize"] += time.thread_time() - t
+            self._clock.stop(t)
 
     def missing_end_of_turn(self, sampled_ids: Sequence[int]) -> tuple[int, ...]:
         return self._chat.missing_end_of_turn(sampled_ids)
 
     def decode_reply(self, sampled_ids: Sequence[int], *, stopped: bool = False) -> str:
-        t = time.thread_time()
+        t = self._clock.start("tokenize")
         try:
             return self._chat.decode_reply(sampled_ids, stopped=stopped)
         finally:
-            self._parts["tokenize"] += time.thread_time() - t
+            self._clock.stop(t)
 
 
 class TimedEpisode:
     """An environment episode, timed; tells the recording policy where the turn is."""
 
-    __slots__ = ("_episode", "_parts", "policy")
+    __slots__ = ("_clock", "_episode", "policy")
 
     def __init__(self, episode: Any, clock: Clock, policy: ScriptedPolicy | None) -> None:
         self._episode = episode
-        self._parts = clock.parts
+        self._clock = clock
         self.policy = policy
 
     def start(self) -> tuple[Message, ...]:
-        t = time.thread_time()
+        t = self._clock.start("environment")
         try:
             return self._episode.start()
         finally:
-            self._parts["environment"] += time.thread_time() - t
+            self._clock.stop(t)
 
     def step(self, reply: str) -> StepResult:
-        t = time.thread_time()
+        t = self._clock.start("environment")
         try:
             result = self._episode.step(reply)
         finally:
-            self._parts["environment"] += time.thread_time() - t
+            self._clock.stop(t)
         if self.policy is not None:
             self.policy.observe(result)
         return result
@@ -193,11 +218,11 @@ class TimedEpisode:
         return self._episode.visible_tools()
 
     def score(self) -> EpisodeScore:
-        t = time.thread_time()
+        t = self._clock.start("environment")
         try:
             return self._episode.score()
         finally:
-            self._parts["environment"] += time.thread_time() - t
+            self._clock.stop(t)
 
 
 class RecordingEngine:
@@ -267,26 +292,33 @@ class CountingEngine:
 
 
 def timed_client(client: SGLangClient, clock: Clock) -> None:
-    """Time the client's request building (JSON included) and response validation, in place."""
-    parts = clock.parts
-    build, completion = client.request_body, client._completion
+    """Time the client's request encoding and its response decoding and checks, in place."""
+    encode, decode, check = client.encode_request, client._decode_completions, client._completions
 
-    def request_body(request: GenerateRequest) -> Any:
-        t = time.thread_time()
+    def encode_request(request: GenerateRequest, rid: str | None = None) -> bytes:
+        t = clock.start("request_build")
         try:
-            return build(request)
+            return encode(request, rid)
         finally:
-            parts["request_build"] += time.thread_time() - t
+            clock.stop(t)
 
-    def validate(item: Any, request: GenerateRequest) -> Completion:
-        t = time.thread_time()
+    def decode_completions(raw: bytes, request: GenerateRequest) -> list[Completion] | None:
+        t = clock.start("response")
         try:
-            return completion(item, request)
+            return decode(raw, request)
         finally:
-            parts["validation"] += time.thread_time() - t
+            clock.stop(t)
 
-    client.request_body = request_body  # type: ignore[method-assign]
-    client._completion = validate  # type: ignore[method-assign]
+    def completions(payload: Any, request: GenerateRequest) -> list[Completion]:
+        t = clock.start("response")
+        try:
+            return check(payload, request)
+        finally:
+            clock.stop(t)
+
+    client.encode_request = encode_request  # type: ignore[method-assign]
+    client._decode_completions = decode_completions  # type: ignore[method-assign]
+    client._completions = completions  # type: ignore[method-assign]
 
 
 class Workload:
@@ -318,9 +350,9 @@ class Workload:
             policy = None
             if recorder is not None:
                 policy = recorder.policies[key] = ScriptedPolicy(self.env, spec.task_id, spec.seed, member)
-            t = time.thread_time()
+            t = self.clock.start("environment")
             episode = self.env.make_episode(spec.task_id, self.episode_config)
-            parts["environment"] += time.thread_time() - t
+            self.clock.stop(t)
             try:
                 trajectory = await run_episode(
                     counted,
@@ -333,9 +365,9 @@ class Workload:
                     affinity_key=f"{run_tag}{RUN_SEPARATOR}{key}",
                 )
             finally:
-                t = time.thread_time()
+                t = self.clock.start("environment")
                 episode.close()
-                parts["environment"] += time.thread_time() - t
+                self.clock.stop(t)
             trajectories[key] = trajectory
             return trajectory
 
@@ -343,9 +375,7 @@ class Workload:
             async def send(self, group: Any) -> None:
                 return None
 
-        config = RolloutConfig(
-            max_concurrent_episodes=concurrency, group_size=GROUP_SIZE, max_staleness=None
-        )
+        config = RolloutConfig(max_concurrent_episodes=concurrency, group_size=GROUP_SIZE, max_staleness=None)
         loop = asyncio.get_running_loop()
         self.clock.reset()
         cpu0, wall0 = time.thread_time(), loop.time()
@@ -362,7 +392,8 @@ class Workload:
             raise RuntimeError(f"{run_tag}: {stats.episodes_dropped} episodes dropped: {dropped}")
         cache = self.run_chat.cache_statistics()
         hits = cache["append_hits"] / max(1, cache["append_hits"] + cache["append_misses"])
-        figures = {"cpu_s": cpu, "wall_s": wall, "calls": counted.calls, "cache_hits": hits, **parts}
+        gc_in = {f"gc_in_{k}": v for k, v in self.clock.gc_in.items()}
+        figures = {"cpu_s": cpu, "wall_s": wall, "calls": counted.calls, "cache_hits": hits, **parts, **gc_in}
         return trajectories, figures
 
 
@@ -439,12 +470,11 @@ def summarize(
         http, inproc = r["http"], r["inproc"]
         total, base = us(http, "cpu_s"), us(inproc, "cpu_s")
         gc_us = us(http, "gc")
-        build, validation = us(http, "request_build"), us(http, "validation")
         parts = {
             "tokenize": us(http, "tokenize"),
             "environment": us(http, "environment"),
-            "request_build": build,
-            "validation": validation,
+            "request_build": us(http, "request_build"),
+            "response": us(http, "response"),
             "bookkeeping": base - us(inproc, "tokenize") - us(inproc, "environment"),
         }
         parts["http"] = total - sum(parts.values())  # the rest of the client path
@@ -457,6 +487,7 @@ def summarize(
                 "wall_calls_per_s": http["calls"] / http["wall_s"],
                 "loop_busy": http["cpu_s"] / http["wall_s"],
                 "gc_us_per_call": gc_us,
+                **{f"gc_in_{k}_us_per_call": us(http, f"gc_in_{k}") for k in GC_PARTS},
                 **{f"part_{k}": v for k, v in parts.items()},
             }
         )
@@ -494,8 +525,11 @@ def report(figures: dict[str, Any]) -> None:
         print(f"{part:<14} {f[f'part_{part}']:>8.1f}   [{min(samples):.1f}, {max(samples):.1f}]")
     s = f["cpu_us_per_call_samples"]
     print(f"{'total':<14} {f['cpu_us_per_call']:>8.1f}   [{min(s):.1f}, {max(s):.1f}]  (target <= 300)")
-    print(f"of which GC {f['gc_us_per_call']:.1f} us/call (CPython defaults); tokenizer cache hit rate for "
-          f"environment messages {f['append_cache_hit_rate']:.0%}")
+    gc_in = ", ".join(f"{k} {f[f'gc_in_{k}_us_per_call']:.1f}" for k in GC_PARTS)
+    print(
+        f"of which GC {f['gc_us_per_call']:.1f} us/call (CPython defaults; inside {gc_in}); tokenizer cache "
+        f"hit rate for environment messages {f['append_cache_hit_rate']:.0%}"
+    )
     print(
         f"one loop saturates at {f['saturation_calls_per_s']:.0f} calls/s (target >= 3000); reached "
         f"{f['wall_calls_per_s']:.0f} calls/s on the wall clock with the loop {f['loop_busy']:.0%} busy; "

@@ -12,11 +12,14 @@ import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from envtune.agents.engine import EngineError, EngineUnavailable, GenerateRequest, SamplingParams
 from envtune.runtime.engines.settings import SGLangClientConfig, check_server_url
-from envtune.runtime.engines.sglang_client import SGLangClient
+from envtune.runtime.engines.sglang_client import MalformedResponse, SGLangClient
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 VOCAB = 100
 PROMPT = (1, 2, 3)
@@ -111,6 +114,7 @@ def raw(body: bytes, content_type: str = "application/json") -> Callable[[web.Re
 BAD_RESPONSES: dict[str, bytes] = {
     "nan logprob": json.dumps(item([5], [math.nan])).encode(),
     "positive logprob": json.dumps(item([5], [5.0])).encode(),
+    "integer logprob past a float": json.dumps(item([5], [-(10**400)])).encode(),
     "null logprob": json.dumps(item([5], [None])).encode(),
     "string logprob": json.dumps(item([5], ["-0.5"])).encode(),
     "bool logprob": json.dumps(item([5], [False])).encode(),
@@ -163,6 +167,102 @@ async def test_group_responses_must_be_a_permutation(scripted: Scripted, items: 
     async with client_for(scripted.url) as client:
         with pytest.raises(EngineError, match="malformed"):
             await client.generate(GenerateRequest(PROMPT, SamplingParams(max_new_tokens=2, n=2)))
+
+
+# Response items in SGLang's shape, each field now and then wrong in a way some check looks at.
+good_ids = st.integers(0, VOCAB - 1)
+bad_ids = st.sampled_from([-1, VOCAB, True, 5.0, 2**70, None])
+good_logprobs = st.one_of(st.floats(-50, 0), st.floats(0, 1e-4), st.just(-0.0), st.integers(-3, 0))
+bad_logprobs = st.sampled_from([2e-4, 1, 1e308, True, None, "-0.5", [], -(10**400)])
+good_counts = st.one_of(st.none(), st.integers(0, 10))
+bad_counts = st.sampled_from([-1, True, "many", 2.0])
+
+
+def mostly(draw: st.DrawFn, good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> Any:
+    return draw(bad) if draw(st.integers(0, 15)) == 0 else draw(good)
+
+
+@st.composite
+def response_items(draw: st.DrawFn, index: Any) -> dict[str, Any]:
+    ids = [mostly(draw, good_ids, bad_ids) for _ in range(draw(st.integers(0, 5)))]
+    shape = draw(st.sampled_from([3] * 8 + [2, 4]))  # SGLang writes triples
+    entries = [
+        [mostly(draw, good_logprobs, bad_logprobs), mostly(draw, st.just(token), bad_ids), None][:shape]
+        for token in ids
+    ]
+    if draw(st.integers(0, 15)) == 0:
+        entries = entries[: draw(st.integers(0, len(entries)))]
+    meta: dict[str, Any] = {
+        "output_token_logprobs": entries,
+        "finish_reason": mostly(
+            draw,
+            st.sampled_from([{"type": "stop"}, {"type": "length"}]),
+            st.sampled_from([{"type": 3}, None, "x"]),
+        ),
+        "weight_version": draw(st.sampled_from(["0", "1", "x", 0, None])),
+    }
+    for key in ("prompt_tokens", "cached_tokens"):
+        if draw(st.booleans()):
+            meta[key] = mostly(draw, good_counts, bad_counts)
+    item: dict[str, Any] = {"text": "t", "output_ids": ids, "meta_info": meta}
+    if index is not None:
+        item["index"] = index
+    return item
+
+
+@st.composite
+def responses(draw: st.DrawFn) -> tuple[int, Any]:
+    n = draw(st.integers(1, 3))
+    indices = draw(st.sampled_from(["none", "permutation", "permutation", "odd"]))
+    count = draw(st.sampled_from([n] * 6 + [n + 1, max(1, n - 1)]))
+    if indices == "none":
+        items = [draw(response_items(None)) for _ in range(count)]
+    elif indices == "permutation":
+        order = draw(st.permutations(list(range(count))))
+        items = [draw(response_items(i)) for i in order]
+    else:
+        items = [
+            draw(response_items(draw(st.sampled_from([0, 1, -1, "1", None, True])))) for _ in range(count)
+        ]
+    return n, items[0] if len(items) == 1 and draw(st.booleans()) else items
+
+
+@settings(max_examples=1500, deadline=None)
+@given(responses())
+def test_the_typed_fast_path_accepts_what_the_field_checks_accept_and_nothing_else(
+    response: tuple[int, Any],
+) -> None:
+    n, payload = response
+    client = SGLangClient(SGLangClientConfig(urls=("http://127.0.0.1:9",)), vocab_size=VOCAB)
+    request = GenerateRequest(PROMPT, SamplingParams(max_new_tokens=8, n=n))
+    body = json.dumps(payload).encode()
+    fast = client._decode_completions(body, request)
+    try:
+        slow = repr(client._completions(msgspec.json.decode(body), request))
+    except MalformedResponse:  # what the field checks raise for a body that decodes
+        slow = None
+    event(f"fast {fast is not None}, slow {slow is not None}")
+    if fast is not None:  # None: the caller runs the field checks, which decide
+        assert repr(fast) == slow  # repr: -0.0 and 0.0 differ
+
+
+def test_the_fast_path_takes_sglangs_own_shape() -> None:
+    client = SGLangClient(SGLangClientConfig(urls=("http://127.0.0.1:9",)), vocab_size=VOCAB)
+    group = [{**item([7], [5e-5], prompt_tokens=None), "index": 1}, {**item([5, 6], [-0.0, -1]), "index": 0}]
+    request = GenerateRequest(PROMPT, SamplingParams(max_new_tokens=2, n=2))
+    fast = client._decode_completions(json.dumps(group).encode(), request)
+    assert fast is not None and repr(fast) == repr(client._completions(group, request))
+    assert [(c.token_ids, c.logprobs, c.prompt_tokens) for c in fast] == [
+        ((5, 6), (-0.0, -1.0), 3),
+        ((7,), (0.0,), 3),
+    ]
+    # Pairs are SGLang's shape too; an id echoed as 5.0 is not, but the field checks take it (5.0 == 5).
+    single = GenerateRequest(PROMPT, SamplingParams(max_new_tokens=2))
+    for entries, fast_path in (([[-0.5, 5], [-0.5, 6]], True), ([[-0.5, 5.0, None], [-0.5, 6, None]], False)):
+        response = {**GOOD, "meta_info": {**GOOD["meta_info"], "output_token_logprobs": entries}}
+        fast = client._decode_completions(json.dumps(response).encode(), single)
+        assert (fast is not None) is fast_path
+        assert client._completions(response, single)[0].token_ids == (5, 6)
 
 
 async def test_a_malformed_answer_is_retried_and_failed_over(scripted: Scripted) -> None:

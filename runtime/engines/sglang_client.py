@@ -21,7 +21,9 @@ Every response is checked before it becomes a ``Completion``: token ids are inte
 vocabulary, logprobs finite numbers <= 0 matching the ids one to one, ``index`` a permutation, counts
 integers, the body within ``max_response_bytes``. A response that fails the checks (or cannot be
 decoded, or breaks HTTP) is a failed attempt: retried, on another replica when there is one. Bad data
-never reaches a trajectory.
+never reaches a trajectory. SGLang's own shape is checked as it is decoded (typed msgspec records:
+the per-token checks run in C and leave no object per token for the garbage collector to count);
+any other body goes through the same checks field by field in Python, which then decide.
 
 Outages. A circuit breaker watches every attempt: once nothing has answered for
 ``outage_timeout_s`` while attempts kept failing, the engine is declared gone and every call raises
@@ -54,10 +56,10 @@ import json
 import math
 import os
 import random
-import uuid
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -182,12 +184,62 @@ def _check_int(value: Any, what: str, low: int = 0, high: int | None = None) -> 
     return value
 
 
+def _isfinite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _check_logprob(value: Any) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, int | float) or isinstance(value, bool) or not _isfinite(value):
         raise MalformedResponse(f"logprob {str(value)[:40]!r} is not a finite number")
     if value > LOGPROB_TOLERANCE:
         raise MalformedResponse(f"logprob {value} is positive")
     return min(float(value), 0.0)
+
+
+# The typed fast path of the response checks. msgspec decodes a body straight into these types and
+# checks, in C, what ``_check_int`` and ``_check_logprob`` check in Python per token (ints and not
+# bools, >= 0; floats, finite, <= LOGPROB_TOLERANCE: JSON has no NaN and msgspec refuses a number
+# that overflows to infinity). A body that does not fit them exactly is not judged here: it goes
+# through the field-by-field checks, which accept or refuse it with their own message, so both paths
+# accept exactly the same responses and produce the same completions.
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+_Logprob = Annotated[float, msgspec.Meta(ge=-sys.float_info.max, le=LOGPROB_TOLERANCE)]
+
+
+class _Entry(msgspec.Struct, array_like=True, gc=False):
+    """One ``[logprob, token_id, ...]`` entry of ``output_token_logprobs`` (SGLang writes the token's
+    text third; what follows the id is skipped unread, as the field checks ignore it). Untracked by
+    the garbage collector: a response's hundreds of entries do not bring the next collection closer,
+    as many tuples would."""
+
+    logprob: _Logprob
+    token_id: _Count
+
+
+class _MetaInfo(msgspec.Struct):
+    """The fields of a response item's ``meta_info`` the client reads (the rest is skipped)."""
+
+    output_token_logprobs: list[_Entry]
+    finish_reason: Any = None
+    prompt_tokens: _Count | None = None
+    cached_tokens: _Count | None = None
+    weight_version: Any = None
+
+
+class _Item(msgspec.Struct):
+    """One completion of a ``/generate`` response (``text`` and other fields skipped unread)."""
+
+    output_ids: list[_Count]
+    meta_info: _MetaInfo
+    index: _Count | msgspec.UnsetType = msgspec.UNSET
+
+
+_RESPONSE_DECODER = msgspec.json.Decoder(_Item | list[_Item])
+_ENCODER = msgspec.json.Encoder()
+_FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
 
 
 class SGLangClient:
@@ -317,6 +369,10 @@ class SGLangClient:
                 f"response of {response.content_length} bytes is over max_response_bytes ({limit})",
                 outage=False,
             )
+        if response.content_length is not None and "Content-Encoding" not in response.headers:
+            # Exactly that many bytes, within the limit: one read, not a loop of chunk awaits. A
+            # compressed body may inflate past its length: counted as it is read, below.
+            return await response.read()
         chunks, size = [], 0
         async for chunk in response.content.iter_chunked(1 << 16):
             size += len(chunk)
@@ -334,8 +390,13 @@ class SGLangClient:
         timeout: aiohttp.ClientTimeout,
         parse: Callable[[Any], T],
         headers: dict[str, str] | None = None,
+        decode: Callable[[bytes], T | None] | None = None,
     ) -> T:
-        """One attempt; ``body`` is JSON already encoded (once per call, not per attempt)."""
+        """One attempt; ``body`` is JSON already encoded (once per call, not per attempt).
+
+        A UTF-8 body goes to ``decode`` first when given (a typed decoder: the result, or None when
+        the body does not fit its types); otherwise, or on None, it is decoded as any JSON and handed
+        to ``parse``."""
         session = self._get_session()
         where = f"{endpoint.url}{path}"
         if body is not None:
@@ -369,10 +430,15 @@ class SGLangClient:
             message = self._error_message(payload, text[:300])
             raise _Refused(f"HTTP {status} from {where}: {message}", endpoint)
         try:
+            utf8 = charset == "utf-8" or (_known_charset(charset) and codecs.lookup(charset).name == "utf-8")
+            if decode is not None and utf8 and raw:
+                decoded = decode(raw)
+                if decoded is not None:
+                    return decoded
             try:
                 # One parse (msgspec: a 10k-id body costs ~1/8 of the json module's time); msgspec
                 # checks UTF-8 itself, other charsets go through the json module.
-                if _known_charset(charset) and codecs.lookup(charset).name == "utf-8":
+                if utf8:
                     payload = msgspec.json.decode(raw) if raw else None
                 else:
                     payload = json.loads(raw.decode(charset)) if raw else None
@@ -414,8 +480,12 @@ class SGLangClient:
         parse: Callable[[Any], Any] = lambda payload: payload,
         until_outage: bool = False,
         headers: dict[str, str] | None = None,
+        decode: Callable[[bytes], Any] | None = None,
     ) -> Any:
         """One call with retries; ``endpoint`` pins it (weight sync goes to every replica).
+
+        ``body``: a JSON value, encoded here once for every attempt, or ``bytes`` already encoded.
+        ``parse`` and ``decode``: see ``_attempt``.
 
         A call gives up after ``max_retries`` failed retries. An attempt that failed while nothing
         answered any call at all (an outage: the engine restarting) does not count: the call waits
@@ -428,7 +498,7 @@ class SGLangClient:
             total=timeout_s or self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
         )
         loop = asyncio.get_running_loop()
-        encoded = msgspec.json.encode(body) if body is not None else None  # once, for every attempt
+        encoded = body if body is None or isinstance(body, bytes) else _ENCODER.encode(body)
         failed: _Endpoint | None = None
         last_error = ""
         attempt = 0
@@ -438,7 +508,7 @@ class SGLangClient:
             target.outstanding += 1
             sent = loop.time()
             try:
-                payload = await self._attempt(target, method, path, encoded, timeout, parse, headers)
+                payload = await self._attempt(target, method, path, encoded, timeout, parse, headers, decode)
             except _Retryable as exc:
                 last_error = str(exc)
                 self._mark_failed(target)
@@ -501,6 +571,15 @@ class SGLangClient:
     @staticmethod
     def request_body(request: GenerateRequest, rid: str | None = None) -> dict[str, Any]:
         """The ``/generate`` JSON body for a request (exactly SGLang's field names)."""
+        return SGLangClient._body(request, rid, list(request.prompt_ids))
+
+    @staticmethod
+    def encode_request(request: GenerateRequest, rid: str | None = None) -> bytes:
+        """``request_body`` as the bytes sent: JSON, written straight from the prompt tuple."""
+        return _ENCODER.encode(SGLangClient._body(request, rid, request.prompt_ids))
+
+    @staticmethod
+    def _body(request: GenerateRequest, rid: str | None, input_ids: Sequence[int]) -> dict[str, Any]:
         sampling = request.sampling
         params: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
@@ -516,7 +595,7 @@ class SGLangClient:
         if request.constraint is not None:
             params[request.constraint.kind.value] = request.constraint.grammar
         body: dict[str, Any] = {
-            "input_ids": list(request.prompt_ids),
+            "input_ids": input_ids,
             "sampling_params": params,
             "return_logprob": True,
             "logprob_start_len": -1,
@@ -531,12 +610,11 @@ class SGLangClient:
             body["rid"] = rid
         return body
 
-    def _version_for(self, adapter: str | None, meta: dict[str, Any]) -> int:
+    def _version_for(self, adapter: str | None, weight_version: Any) -> int:
         if adapter is not None:
             known = self._adapter_versions.get(adapter)
             if known is not None:
                 return known
-        weight_version = meta.get("weight_version")
         # The server's own number only when it is one this client could have published: a version
         # from nowhere must not mislabel the behaviour policy of a trajectory.
         if (
@@ -547,6 +625,14 @@ class SGLangClient:
         ):
             return int(weight_version)
         return self._base_version
+
+    def _reason(self, finish: Any) -> FinishReason:
+        """The finish reason of an item's ``meta_info.finish_reason`` (an abort is logged)."""
+        kind = finish.get("type") if isinstance(finish, dict) else None
+        reason = _FINISH_REASONS.get(kind if isinstance(kind, str) else "", FinishReason.ABORT)
+        if reason is FinishReason.ABORT and (held := self._throttle.allow("aborted")) is not None:
+            log.warning("sglang_generation_aborted", finish_reason=str(finish)[:200], held_back=held)
+        return reason
 
     def _completion(self, item: Any, request: GenerateRequest) -> Completion:
         """One response item, checked field by field (``MalformedResponse`` on the first problem)."""
@@ -570,20 +656,14 @@ class SGLangClient:
             if entry[1] != token or isinstance(entry[1], bool):
                 raise MalformedResponse("output_token_logprobs do not match output_ids")
             logprobs.append(_check_logprob(entry[0]))
-        finish = meta.get("finish_reason") or {}
-        kind = finish.get("type") if isinstance(finish, dict) else None
-        reason = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}.get(
-            kind if isinstance(kind, str) else "", FinishReason.ABORT
-        )
-        if reason is FinishReason.ABORT and (held := self._throttle.allow("aborted")) is not None:
-            log.warning("sglang_generation_aborted", finish_reason=str(finish)[:200], held_back=held)
+        reason = self._reason(meta.get("finish_reason") or {})
         prompt_tokens = meta.get("prompt_tokens")
         cached_tokens = meta.get("cached_tokens")
         return Completion(
             token_ids=tuple(token_ids),
             logprobs=tuple(logprobs),
             finish_reason=reason,
-            policy_version=self._version_for(request.adapter, meta),
+            policy_version=self._version_for(request.adapter, meta.get("weight_version")),
             prompt_tokens=len(request.prompt_ids)
             if prompt_tokens is None
             else _check_int(prompt_tokens, "prompt_tokens"),
@@ -604,10 +684,54 @@ class SGLangClient:
             items = sorted(items, key=lambda item: item["index"])
         return [self._completion(item, request) for item in items]
 
+    def _decode_completions(self, raw: bytes, request: GenerateRequest) -> list[Completion] | None:
+        """``_completions`` of a UTF-8 body, the fast way: decoded into typed records (most checks
+        done by the decoder, in C), the rest checked a list at a time. None when the body fails any
+        of it: the caller then runs the field-by-field checks, which give the reason (or accept a
+        shape this path does not take, such as ``[logprob, id]`` pairs)."""
+        try:
+            decoded = _RESPONSE_DECODER.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        items = decoded if isinstance(decoded, list) else [decoded]
+        n = request.sampling.n
+        if len(items) != n:
+            return None
+        if any(item.index is not msgspec.UNSET for item in items):
+            by_index = {item.index: item for item in items}
+            if sorted(i for i in by_index if isinstance(i, int)) != list(range(n)):
+                return None
+            items = [by_index[i] for i in range(n)]
+        high = self.vocab_size - 1 if self.vocab_size is not None else MAX_TOKEN_ID
+        checked: list[tuple[_Item, tuple[int, ...], tuple[float, ...]]] = []
+        for item in items:  # every item checked before any completion is made (and logged)
+            ids, entries = item.output_ids, item.meta_info.output_token_logprobs
+            if not ids or len(entries) != len(ids) or max(ids) > high:
+                return None
+            if [entry.token_id for entry in entries] != ids:
+                return None
+            logprobs = tuple([entry.logprob for entry in entries])
+            if max(logprobs) > 0.0:  # within LOGPROB_TOLERANCE of 0: read as 0, as _check_logprob does
+                logprobs = tuple([min(value, 0.0) for value in logprobs])
+            checked.append((item, tuple(ids), logprobs))
+        return [
+            Completion(
+                token_ids=token_ids,
+                logprobs=logprobs,
+                finish_reason=self._reason(item.meta_info.finish_reason or {}),
+                policy_version=self._version_for(request.adapter, item.meta_info.weight_version),
+                prompt_tokens=len(request.prompt_ids)
+                if item.meta_info.prompt_tokens is None
+                else item.meta_info.prompt_tokens,
+                cached_tokens=item.meta_info.cached_tokens or 0,
+            )
+            for item, token_ids, logprobs in checked
+        ]
+
     async def generate(self, request: GenerateRequest) -> Sequence[Completion]:
         """``request.sampling.n`` completions from one ``/generate`` call (aborted on cancellation)."""
-        rid = uuid.uuid4().hex
-        body = self.request_body(request, rid)
+        rid = os.urandom(16).hex()  # a random id as uuid4().hex is, for a fifth of its cost
+        body = self.encode_request(request, rid)
         key = request.affinity_key
         # Behind the router: it picks the worker, by the key in the header (None: the client picks).
         headers = {ROUTING_KEY_HEADER: key} if key is not None and self._router is not None else None
@@ -618,6 +742,7 @@ class SGLangClient:
                     body,
                     affinity_key=key,
                     parse=lambda payload: self._completions(payload, request),
+                    decode=lambda raw: self._decode_completions(raw, request),
                     endpoint=self._router,
                     headers=headers,
                 )
