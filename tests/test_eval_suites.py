@@ -244,7 +244,7 @@ def test_interrupted_evaluation_keeps_what_finished(
     """Ctrl-C (the main task cancelled) mid-suite: eval.json holds the finished episodes, marked."""
     from envtune.runtime.cli import engine_stack
     from envtune.runtime.recipe import suite_eval
-    from envtune.runtime.recipe.trajectory_log import EpisodeTranscript
+    from envtune.runtime.recipe.suite_eval import EpisodeTranscript
 
     @contextlib.asynccontextmanager
     async def no_engine(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
