@@ -112,24 +112,22 @@ def install(point: str, at: int) -> None:
 
         _wrap(SGLangClient, "load_adapter", after=maybe_die)
     elif point == "metrics_append":
-        from envtune.runtime.recipe import run_folder
+        from envtune.runtime.recipe import sinks
 
-        original = run_folder.RunFolder._append
+        original = sinks.JsonlSink.write_record
 
-        def torn_append(self: Any, path: Path, records: Any) -> None:
-            records = list(records)
-            if path.name == "metrics.jsonl" and any("event" not in r for r in records) and counter.hit():
+        def torn_write(self: Any, record: Any) -> None:
+            if self.path.name == "metrics.jsonl" and "event" not in record and counter.hit():
                 import json
 
-                line = json.dumps(records[0])
-                with path.open("a", encoding="utf-8") as handle:
-                    handle.write(line[: len(line) // 2])
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                line = json.dumps(record, default=str)
+                self._handle.write(line[: len(line) // 2])
+                self._handle.flush()
+                os.fsync(self._handle.fileno())
                 _die()
-            original(self, path, records)
+            original(self, record)
 
-        run_folder.RunFolder._append = torn_append  # type: ignore[method-assign]
+        sinks.JsonlSink.write_record = torn_write  # type: ignore[method-assign]
     elif point == "checkpoint_write":
         from envtune.runtime.recipe import run_folder
 
