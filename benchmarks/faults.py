@@ -75,7 +75,7 @@ BENCHMARK = Benchmark(
     full=(),
     figures=(
         Figure(key="duplicates", label="trajectories trained twice under engine faults", target="<= 0"),
-        Figure(key="torn_records", label="log lines torn by the SIGKILLs (each skipped and repaired on resume)"),
+        Figure(key="torn_records", label="log lines torn by the SIGKILLs (skipped, repaired on resume)"),
         Figure(key="resumes_ok", label="--resume after a SIGKILL that continued correctly", unit="resumes"),
         Figure(key="server_deaths", label="server deaths under abuse", target="<= 0"),
         Figure(key="rss_growth_pct", label="soak RSS growth after warm-up", unit="%", target="<= 5"),
