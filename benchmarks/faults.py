@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from envtune.runtime.cli.bench_registry import Benchmark, Figure
+from envtune.runtime.testing.smoke import SMOKE_OVERRIDES
 
 BENCHMARK = Benchmark(
     name="faults",
@@ -91,21 +92,7 @@ FUZZ = Path(__file__).resolve().parent / "fuzz_tools.py"
 CPU_PRESET = REPO / "runtime" / "recipe" / "presets" / "cpu.toml"
 
 # The CPU preset cut down so one learner step is a few seconds: the same settings as the CLI smoke test.
-SMOKE = [
-    "curriculum.stages.*.promotion.max_steps=1",
-    "curriculum.stages.*.episode.max_steps_per_turn=1",
-    "curriculum.stages.*.zero_variance=keep",  # 16-token replies never score: keep the groups, step anyway
-    "curriculum.validation_every=0",
-    "rollout.group_size=2",
-    "rollout.groups_per_step=1",
-    "rollout.max_concurrent_episodes=2",
-    "rollout.max_staleness=0",
-    "sampling.max_new_tokens=16",
-    "run.checkpoint_every=1",
-    "run.trajectories.mode=all",
-    "run.progress_bar=false",
-    "logging.format=json",
-]
+SMOKE = [*SMOKE_OVERRIDES, "run.checkpoint_every=1", "run.trajectories.mode=all"]
 STAGES = ("syntax", "hints", "hard", "independent")
 """The CPU preset's stage names: with one step per stage, step k runs in stage k."""
 

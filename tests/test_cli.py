@@ -25,25 +25,11 @@ from envtune.runtime.cli.serve import main as serve_main
 from envtune.runtime.recipe import glossary
 from envtune.runtime.recipe.config import Config, load_config
 from envtune.runtime.recipe.run_folder import RunFolder
+from envtune.runtime.testing.smoke import smoke_args
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Two short stages, tiny groups, short replies: each learner step is a few seconds on 2 cores.
-SMOKE = [
-    "curriculum.stages.*.promotion.max_steps=1",
-    "curriculum.stages.*.episode.max_steps_per_turn=1",
-    "curriculum.stages.*.zero_variance=keep",  # 16-token replies never score: keep the groups, step anyway
-    "curriculum.validation_every=0",
-    "rollout.group_size=2",
-    "rollout.groups_per_step=1",
-    "rollout.max_concurrent_episodes=2",
-    "rollout.max_staleness=0",  # on-policy: no rollout competes with the learner for the 2 cores
-    "sampling.max_new_tokens=16",
-    "run.checkpoint_every=0",
-    "run.trajectories.mode=all",
-    "run.progress_bar=false",
-    "logging.format=json",
-]
 
 
 def test_help_of_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,7 +128,10 @@ def _steps(folder: Path) -> list[int]:
     return [r["step"] for r in RunFolder(folder).read_metrics() if "event" not in r]
 
 
-SMOKE_ARGS = [arg for item in SMOKE for arg in ("--set", item)]
+SMOKE_ARGS = smoke_args(
+    "run.checkpoint_every=0",
+    "run.trajectories.mode=all",
+)
 
 
 def test_sigint_stops_cleanly_and_still_reports(tmp_path: Path) -> None:

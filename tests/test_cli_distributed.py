@@ -27,24 +27,13 @@ from envtune.runtime.cli.run import main
 from envtune.runtime.recipe.config import load_config
 from envtune.runtime.recipe.learner_setup import check_memory
 from envtune.runtime.recipe.run_folder import RunFolder
+from envtune.runtime.testing.smoke import smoke_args
 
-SMOKE = [
-    "curriculum.stages.*.promotion.max_steps=1",
-    "curriculum.stages.*.episode.max_steps_per_turn=1",
-    "curriculum.stages.*.zero_variance=keep",  # 16-token replies never score: keep the groups, step anyway
-    "curriculum.validation_every=0",
-    "rollout.group_size=2",
-    "rollout.groups_per_step=1",
-    "rollout.max_concurrent_episodes=2",
-    "rollout.max_staleness=0",
-    "sampling.max_new_tokens=16",
+SMOKE_ARGS = smoke_args(
     "run.checkpoint_every=0",
     "run.trajectories.mode=none",
-    "run.progress_bar=false",
-    "logging.format=json",
     "learner.memory.capacity_gib=4",  # the tiny model's estimate is ~1 GiB: checked, and it starts
-]
-SMOKE_ARGS = [arg for item in SMOKE for arg in ("--set", item)]
+)
 
 QWEN25_7B = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,

@@ -16,22 +16,11 @@ from pathlib import Path
 
 import pytest
 from envtune.runtime.recipe.run_folder import RunFolder
+from envtune.runtime.testing.smoke import smoke_args
 
-SMOKE = [
-    "curriculum.stages.*.promotion.max_steps=1",
-    "curriculum.stages.*.episode.max_steps_per_turn=1",
-    "curriculum.stages.*.zero_variance=keep",  # 16-token replies never score: keep the groups, step anyway
-    "curriculum.validation_every=0",
-    "rollout.group_size=2",
-    "rollout.groups_per_step=1",
-    "rollout.max_concurrent_episodes=2",
-    "rollout.max_staleness=0",
-    "sampling.max_new_tokens=16",
+SMOKE_ARGS = smoke_args(
     "run.checkpoint_every=1",
-    "run.progress_bar=false",
-    "logging.format=json",
-]
-SMOKE_ARGS = [arg for item in SMOKE for arg in ("--set", item)]
+)
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
