@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from envtune.optim.memory import MemoryBudgetError
 from envtune.runtime.cli.engine_stack import resolve_model_path
-from envtune.runtime.logs import configure_logging
 from envtune.runtime.recipe import config_io
 from envtune.runtime.recipe.config import Config, ConfigError
 from envtune.runtime.recipe.learner_setup import build_sharded_core, check_memory, check_resume
+from envtune.runtime.recipe.progress import configure_logging
 from envtune.runtime.recipe.run_folder import Checkpoint, RunFolder, RunFolderError
 
 if TYPE_CHECKING:
@@ -100,7 +100,8 @@ def main_ranks(
     config = config_io.from_dict(Config, message["config"])
     model_path = Path(message["model_path"])
     control = control_group(config.learner)
-    configure_logging(config.logging.format, config.logging.level if rank0 else "warning")
+    # The run's own logging on every rank (rank 0 adds the run folder's log file once it has one).
+    configure_logging(config.logging.level if rank0 else "warning", fmt=config.logging.format)
     log.info("ranks_joined", rank=context.rank, world_size=context.world_size, device=str(context.device))
 
     # The memory check on every rank (its own device); all stop when any refuses.

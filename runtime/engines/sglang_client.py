@@ -57,8 +57,9 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated, Any, TypeVar
 
 import aiohttp
@@ -91,7 +92,7 @@ log = structlog.get_logger(__name__)
 ROUTING_KEY_HEADER = "X-SMG-Routing-Key"
 """The header SGLang's router reads a request's routing key from (its ``manual`` and
 ``consistent_hashing`` policies pin a key to one worker)."""
-_JSON_HEADERS = {"Content-Type": "application/json"}
+_JSON_HEADERS: Mapping[str, str] = MappingProxyType({"Content-Type": "application/json"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +401,7 @@ class SGLangClient:
         session = self._get_session()
         where = f"{endpoint.url}{path}"
         if body is not None:
-            headers = {**_JSON_HEADERS, **(headers or {})}
+            headers = {**_JSON_HEADERS, **headers} if headers else dict(_JSON_HEADERS)
         try:
             async with session.request(
                 method, endpoint.url + path, data=body, timeout=timeout, headers=headers
