@@ -17,7 +17,7 @@ refuses; ``GrammarOptions.any_order=False`` closes it at the price of a fixed ke
 
 ``GrammarOptions`` narrows the grammar for probes and tiny models (its defaults give the grammar
 above): a bounded think block (a random model rarely closes a free one), no answer branch, fewer
-calls per block, no free whitespace, keys in schema order.
+calls per block, bounded strings and arrays in arguments, no free whitespace, keys in schema order.
 
 Left out: semantic checks (a value that type-checks but is wrong is the environment's business), and
 JSON string values that themselves contain tag text (allowed by JSON, refused by the parser; rare).
@@ -57,18 +57,25 @@ def _check_max_calls(max_calls: int) -> None:
 
 
 def tool_calls_json_schema(
-    tools: Sequence[FunctionDoc], *, max_calls: int = MAX_CALLS_PER_REPLY
+    tools: Sequence[FunctionDoc],
+    *,
+    max_calls: int = MAX_CALLS_PER_REPLY,
+    max_string_chars: int | None = None,
+    max_array_items: int | None = None,
+    max_number_magnitude: float | None = None,
 ) -> dict[str, Any]:
-    """JSON Schema of the ``<tool_call>`` body: 1 to ``max_calls`` calls of the visible tools."""
+    """JSON Schema of the ``<tool_call>`` body: 1 to ``max_calls`` calls of the visible tools, their
+    arguments bounded as ``GrammarOptions`` describes when the bounds are set."""
     if not tools:
         raise ValueError("a tool-call grammar needs at least one visible tool")
     _check_max_calls(max_calls)
+    bounds = _Bounds(max_string_chars, max_array_items, max_number_magnitude)
     cases = [
         {
             "type": "object",
             "properties": {
                 "name": {"const": doc.name},
-                "arguments": bfcl_to_json_schema(doc.parameters, doc.name),
+                "arguments": bounds.apply(bfcl_to_json_schema(doc.parameters, doc.name)),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -81,6 +88,36 @@ def tool_calls_json_schema(
         "minItems": 1,
         "maxItems": max_calls,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _Bounds:
+    """The value bounds of ``GrammarOptions``, applied to an arguments schema."""
+
+    string_chars: int | None
+    array_items: int | None
+    number_magnitude: float | None
+
+    def apply(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """``schema`` with every string, array and number below it bounded."""
+        out = dict(schema)
+        kind = out.get("type")
+        if self.string_chars is not None and kind == "string" and not {"enum", "pattern"} & out.keys():
+            # A pattern, not maxLength: xgrammar 0.2.8's maxLength strings admit control characters,
+            # which JSON (and the environment's parser) refuse. No quote, backslash or "<" either, so
+            # a bounded string needs no escape and cannot hold tag text.
+            out["pattern"] = f'^[^\\x00-\\x1f"\\\\<]{{0,{self.string_chars}}}$'
+        if self.array_items is not None and kind == "array":
+            out["maxItems"] = min(self.array_items, out.get("maxItems", self.array_items))
+        if self.number_magnitude is not None and kind in ("number", "integer") and "enum" not in out:
+            bound = self.number_magnitude if kind == "number" else int(self.number_magnitude)
+            out["minimum"] = max(-bound, out.get("minimum", -bound))
+            out["maximum"] = min(bound, out.get("maximum", bound))
+        if "properties" in out:
+            out["properties"] = {name: self.apply(sub) for name, sub in out["properties"].items()}
+        if "items" in out:
+            out["items"] = self.apply(out["items"])
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +134,16 @@ class GrammarOptions:
     any_whitespace: bool = True
     """False: no whitespace between blocks and one spacing of the JSON (xgrammar's separators
     ``", "`` and ``": "``), so a random model cannot spend its tokens on padding."""
+    max_string_chars: int | None = None
+    """None: any JSON string argument. Otherwise each string argument (enums excepted) holds at most
+    this many characters, none of them a control character, ``"``, ``\\`` or ``<``; so the grammar
+    closes it: a random model almost never samples a closing quote by itself (one token of ~2,000)
+    and would fill its reply budget with one string instead."""
+    max_array_items: int | None = None
+    """None: arrays of any length; otherwise at most this many items in each array argument."""
+    max_number_magnitude: float | None = None
+    """None: any JSON number. Otherwise numbers lie in [-bound, bound] (no exponent can overflow to
+    infinity, which the parser refuses)."""
     any_order: bool = True
     """Object keys in any order. xgrammar 0.2.8 then also accepts repeated keys (and objects missing
     a required key when the object has two or more), which the environment's parser refuses; False
@@ -107,6 +154,10 @@ class GrammarOptions:
         if self.max_think_chars is not None and self.max_think_chars < 0:
             raise ValueError(f"max_think_chars must be >= 0 or None, got {self.max_think_chars}")
         _check_max_calls(self.max_calls)
+        for name in ("max_string_chars", "max_array_items", "max_number_magnitude"):
+            bound = getattr(self, name)
+            if bound is not None and bound < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {bound}")
 
 
 DEFAULT_OPTIONS = GrammarOptions()
@@ -143,7 +194,15 @@ def reply_grammar(tools: Sequence[FunctionDoc], options: GrammarOptions = DEFAUL
     action = answer
     if tools:
         calls = xgrammar.Grammar.from_json_schema(
-            json.dumps(tool_calls_json_schema(tools, max_calls=options.max_calls)),
+            json.dumps(
+                tool_calls_json_schema(
+                    tools,
+                    max_calls=options.max_calls,
+                    max_string_chars=options.max_string_chars,
+                    max_array_items=options.max_array_items,
+                    max_number_magnitude=options.max_number_magnitude,
+                )
+            ),
             any_whitespace=options.any_whitespace,
             strict_mode=True,
             any_order=options.any_order,

@@ -3,11 +3,12 @@
 Each arm is ``recipe.training.train`` exactly as ``envtune-run`` runs it (rollout actor, staleness
 gate, learner actor, curriculum scheduler, adapters published into the embedded engine and pinned
 per group, grammar masks replayed in the learner, KL 0.1 to the stage-start policy) with the CPU
-preset's learning stage (stage 1, ``syntax``: the paper's stage-1 reward on the 8 shortest BFCL V3
-base train tasks, under the preset's narrow grammar), for a fixed number of learner steps (no early
-promotion). The control arm is the same run with ``ShuffledRewards``: every batch's rewards permuted
-across its trajectories inside the learner step, so it costs the same and sees the same reward
-spread, but no reward belongs to its sample. The two arms of a seed run side by side in one process
+preset's learning stage as it is (stage 1, ``syntax``: the paper's stage-1 reward on the 4 shortest
+BFCL V3 base train tasks, one reply per episode under the preset's narrow grammar, 4 groups of 8 per
+step, a LoRA adapter on the LM head), for a fixed number of learner steps (no early promotion).
+The control arm is the same run with ``ShuffledRewards``: every batch's rewards permuted across its
+trajectories inside the learner step, so it costs the same and sees the same reward spread, but no
+reward belongs to its sample. The two arms of a seed run side by side in one process
 (each has its own engine), so machine load hits both alike; seeds run one after another.
 
 Measured per arm: ``train/reward`` (the stage's own reward, of the samples each step trained on,
@@ -17,8 +18,8 @@ control. Target (issue 10): learning_gain >= 0.15 and >= control_gain + 0.1. Sam
 engine's own (not fixed); ``--seeds`` sets the run seed (task order) and the adapter's initial
 weights. The last line of output is one JSON object.
 
-    python benchmarks/learning_curve.py --quick      # 3 seeds x 8 steps x 8 episodes; ~16 min on 2 idle cores
-    python benchmarks/learning_curve.py              # 3 seeds x 16 steps x 12 episodes
+    python benchmarks/learning_curve.py --quick      # 3 seeds x 16 steps x 32 episodes
+    python benchmarks/learning_curve.py              # 5 seeds x 32 steps x 32 episodes
 """
 
 from __future__ import annotations
@@ -67,14 +68,13 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def arm_config(steps: int, groups_per_step: int, seed: int, extra: list[str]) -> Config:
+def arm_config(steps: int, seed: int, extra: list[str]) -> Config:
     """The CPU preset reduced to its learning stage, for exactly ``steps`` learner steps."""
     preset = load_config(CPU_PRESET, extra)
     learning = preset.curriculum.stages[0]
     stage = replace(learning, promotion=replace(learning.promotion, metric="", max_steps=steps))
     return replace(
         preset,
-        rollout=replace(preset.rollout, groups_per_step=groups_per_step),
         curriculum=replace(preset.curriculum, stages=(stage,), validation_every=0),
         run=replace(
             preset.run,
@@ -130,18 +130,16 @@ async def one_seed(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 steps of 8 episodes per arm (else 16 of 12)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
+    parser.add_argument("--quick", action="store_true", help="3 seeds x 16 learner steps (else 5 x 32)")
+    parser.add_argument("--seeds", default=None, help="comma-separated run seeds (0,1,2; else 0..4)")
     parser.add_argument("--steps", type=int, default=None, help="learner steps per arm")
-    parser.add_argument("--groups-per-step", type=int, default=None, help="GRPO groups per learner step")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     parser.add_argument("--out", default=None, help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
     torch.set_num_threads(1)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    steps = args.steps or (8 if args.quick else 16)
-    per_step = args.groups_per_step or (2 if args.quick else 3)
+    seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.quick else "0,1,2,3,4")).split(",")]
+    steps = args.steps or (16 if args.quick else 32)
     model_dir = build_tiny_model(default_tiny_model_dir())
     load_start = os.getloadavg()
     wall0, cpu0 = time.monotonic(), cpu_seconds()
@@ -150,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(args.out) if args.out else Path(scratch)
         for seed in seeds:
-            config = arm_config(steps, per_step, seed, args.overrides)
+            config = arm_config(steps, seed, args.overrides)
             began = time.monotonic()
             trained, control = asyncio.run(one_seed(config, model_dir, root, seed))
             up, flat = rewards(trained), rewards(control)
@@ -167,6 +165,7 @@ def main() -> None:
                 flush=True,
             )
     learning_gain, control_gain = statistics.fmean(gains), statistics.fmean(control_gains)
+    rollout = arm_config(steps, 0, args.overrides).rollout
     result = {
         "learning_gain": round(learning_gain, 4),
         "control_gain": round(control_gain, 4),
@@ -176,7 +175,7 @@ def main() -> None:
         "control_gains": [round(g, 4) for g in control_gains],
         "seeds": seeds,
         "steps": steps,
-        "episodes_per_step": per_step * arm_config(steps, per_step, 0, args.overrides).rollout.group_size,
+        "episodes_per_step": rollout.groups_per_step * rollout.group_size,
         "zero_variance_fraction": round(statistics.fmean(zero), 4),
         "control_zero_variance_fraction": round(statistics.fmean(control_zero), 4),
         "curves": curves,

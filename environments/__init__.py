@@ -25,6 +25,7 @@ from envtune.environments.types import (
     StepResult,
     ToolCall,
     ToolFault,
+    ToolListing,
 )
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "Task",
     "ToolCall",
     "ToolFault",
+    "ToolListing",
     "ToolSession",
     "load_function_docs",
     "load_split",

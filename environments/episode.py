@@ -41,6 +41,7 @@ from envtune.environments.types import (
     StepResult,
     ToolCall,
     ToolFault,
+    ToolListing,
 )
 
 TRAIN_MAX_STEPS_PER_TURN = 6
@@ -69,6 +70,8 @@ class EpisodeConfig:
     """Standard BFCL results, or results with actionable hints."""
     prompt_style: PromptStyle = PromptStyle.BASIC
     """System prompt of stages 1-2 (basic) or 3-4 (resourceful)."""
+    tool_listing: ToolListing = ToolListing.FULL
+    """How the system prompt lists the tools: BFCL's JSON docs (the paper) or one-line signatures."""
     max_steps_per_turn: int = TRAIN_MAX_STEPS_PER_TURN
     """Model replies allowed per user turn (tool steps and format errors share it)."""
     require_think: bool = True
@@ -134,7 +137,10 @@ class Episode:
         """The system prompt and the first user turn."""
         if self._turn != -1:
             raise EpisodeStateError("episode already started")
-        system = Message("system", protocol.system_prompt(self.config.prompt_style, self.visible_tools()))
+        config = self.config
+        system = Message(
+            "system", protocol.system_prompt(config.prompt_style, self.visible_tools(), config.tool_listing)
+        )
         user_text, _ = self._open_turn(0, notices=())
         return (system, Message("user", user_text))
 
@@ -204,7 +210,7 @@ class Episode:
         parts = list(notices)
         revealed = self._reveal(turn)
         if revealed:
-            parts.append(protocol.revealed_functions_message(revealed))
+            parts.append(protocol.revealed_functions_message(revealed, self.config.tool_listing))
         parts.extend(self.task.questions[turn])
         return "\n\n".join(parts), bool(revealed)
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 
 from envtune.environments.tasks import load_function_docs
-from envtune.environments.types import CallOutcome, FunctionDoc, PromptStyle
+from envtune.environments.types import CallOutcome, FunctionDoc, PromptStyle, ToolListing
 
 _FORMATS = """\
 Reply in exactly one of these two formats, with nothing outside the tags:
@@ -40,33 +40,48 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False)
 encoder on every call, which costs more than encoding a step's feedback."""
 
 
-def tool_listing(tools: Sequence[FunctionDoc]) -> str:
-    """One JSON line per tool; BFCL's registered docs are immutable, so a listing is encoded once."""
+_SIGNATURES_NOTE = "(one function per line; ? marks an optional argument)"
+
+
+def tool_listing(tools: Sequence[FunctionDoc], listing: ToolListing = ToolListing.FULL) -> str:
+    """One line per tool; BFCL's registered docs are immutable, so a listing is rendered once."""
     registry = load_function_docs()
     if all(registry.get(doc.name) is doc for doc in tools):
-        return _registered_listing(tuple(doc.name for doc in tools))
-    return "\n".join(_doc_line(doc) for doc in tools)
+        return _registered_listing(tuple(doc.name for doc in tools), listing)
+    return "\n".join(_doc_line(doc, listing) for doc in tools)
 
 
 @functools.lru_cache(maxsize=4096)
-def _registered_listing(names: tuple[str, ...]) -> str:
+def _registered_listing(names: tuple[str, ...], listing: ToolListing) -> str:
     registry = load_function_docs()
-    return "\n".join(_doc_line(registry[name]) for name in names)
+    return "\n".join(_doc_line(registry[name], listing) for name in names)
 
 
-def _doc_line(doc: FunctionDoc) -> str:
-    return _ENCODER.encode(doc.to_json())
+def _doc_line(doc: FunctionDoc, listing: ToolListing) -> str:
+    if listing is ToolListing.FULL:
+        return _ENCODER.encode(doc.to_json())
+    properties = doc.parameters.get("properties", {})
+    required = set(doc.parameters.get("required", ()))
+    arguments = ", ".join(
+        f"{name}{'' if name in required else '?'}: {schema.get('type', 'any')}"
+        for name, schema in properties.items()
+    )
+    return f"{doc.name}({arguments})"
 
 
-def system_prompt(style: PromptStyle, tools: Sequence[FunctionDoc]) -> str:
-    """The system prompt of a stage, with the visible tools as JSON."""
-    tools_json = tool_listing(tools)
+def system_prompt(
+    style: PromptStyle, tools: Sequence[FunctionDoc], listing: ToolListing = ToolListing.FULL
+) -> str:
+    """The system prompt of a stage, with the visible tools listed as ``listing`` says."""
+    tools_text = tool_listing(tools, listing)
+    if listing is ToolListing.SIGNATURES:
+        tools_text = f"{_SIGNATURES_NOTE}\n{tools_text}"
     rules = _FORMATS if style is PromptStyle.BASIC else f"{_FORMATS}\n{_RESOURCEFUL}"
     return (
         "You are an expert at composing function calls. You are given a user request and a set of functions. "
         "Make one or more function calls to fulfil the request. If none of the functions fits, say so and "
         "refuse. If the request lacks a parameter that a function needs, say so and ask for it.\n\n"
-        f"You can use these functions:\n{tools_json}\n\n{rules}"
+        f"You can use these functions:\n{tools_text}\n\n{rules}"
     )
 
 
@@ -110,10 +125,11 @@ def must_not_call_warning() -> str:
     )
 
 
-def revealed_functions_message(docs: Sequence[FunctionDoc]) -> str:
+def revealed_functions_message(
+    docs: Sequence[FunctionDoc], listing: ToolListing = ToolListing.FULL
+) -> str:
     """Injected at the turn that reveals functions that were held out until then."""
-    listing = tool_listing(docs)
     return (
-        f"These functions are now available as well:\n{listing}\n"
+        f"These functions are now available as well:\n{tool_listing(docs, listing)}\n"
         "Please try the previous request again with them."
     )

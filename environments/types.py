@@ -71,6 +71,16 @@ class PromptStyle(enum.StrEnum):
     """Stages 3-4: adds 'be resourceful' and 'prioritize clarity over assumptions'."""
 
 
+class ToolListing(enum.StrEnum):
+    """How the system prompt lists the visible tools."""
+
+    FULL = "full"
+    """BFCL's docs as JSON, one line per tool: descriptions and parameter schemas (the paper)."""
+    SIGNATURES = "signatures"
+    """One ``name(arg: type, optional?: type)`` line per tool, about a tenth of the tokens: for small
+    models on small budgets, where BFCL's descriptions cost most of the context and teach nothing."""
+
+
 class RewardKind(enum.StrEnum):
     """Which ``EpisodeScore`` field is the scalar a stage trains on."""
 

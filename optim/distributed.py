@@ -533,7 +533,7 @@ class ShardedCore:
 
         full: dict[str, torch.Tensor] = {}
         # Same dict order on every rank (same model); each full_tensor() is a collective.
-        for key, value in get_peft_model_state_dict(self.model).items():
+        for key, value in get_peft_model_state_dict(self.model, save_embedding_layers=False).items():
             tensor = value.full_tensor() if isinstance(value, DTensor) else value
             if self.context.rank == 0:
                 full[key] = tensor.detach().to("cpu", copy=True).contiguous()

@@ -21,14 +21,15 @@ token in xgrammar's packed layout: int32 words, token ``t`` allowed iff bit ``t 
 ``t // 32`` is set; a row of all ones (-1) is an unconstrained position. ``token_logprobs_reference``
 is the straightforward full-vocabulary version, kept as the baseline and the tests' reference.
 
-Deliberately left out: LM heads that are not a plain ``nn.Linear`` (logit soft-capping or scaling,
-adapters on the head); callers use the reference path for those.
+Deliberately left out: LM heads that are not ``logits = hidden @ weight.T + bias`` (logit soft-capping
+or scaling; a LoRA head with dropout); callers use the reference path for those. A plain LoRA on the
+head is a weight delta: ``packing.token_logprobs`` passes the adapted weight.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -236,9 +237,19 @@ class _ChunkedLogprobs(torch.autograd.Function):
         )
 
 
+class LinearHead(Protocol):
+    """What the chunked path needs of an LM head: ``logits = hidden @ weight.T + bias``."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+
 def chunked_token_logprobs(
     hidden: torch.Tensor,
-    head: torch.nn.Linear,
+    head: LinearHead,
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,

@@ -46,7 +46,8 @@ def reference_mode(model: PeftModel) -> Iterator[None]:
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     """Copies of the adapter tensors (on CPU), keyed as peft saves them."""
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
@@ -58,8 +59,11 @@ def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None
 
 
 def save_adapter(model: PeftModel, folder: Path) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (what SGLang and peft load)."""
-    model.save_pretrained(str(folder), safe_serialization=True)
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (what SGLang and peft load).
+
+    The adapter tensors only: with ``lm_head`` among the targets peft would also save the frozen
+    base head (vocab x hidden, most of the file at a real vocabulary), which no engine needs."""
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -29,6 +29,9 @@ from .config import LearnerConfig
 
 GIB = 1024**3
 
+LM_HEAD = "lm_head"
+"""The LM head's module name, a LoRA target outside the decoder layers."""
+
 QWEN2_LINEAR_MODULES: tuple[str, ...] = (
     "q_proj",
     "k_proj",
@@ -131,13 +134,15 @@ class ModelShape:
         return self.root_params() + self.num_layers * self.layer_params()
 
     def lora_params(self, rank: int, target_modules: Sequence[str] = QWEN2_LINEAR_MODULES) -> int:
-        """LoRA parameters for ``rank`` on the named linears of every layer: r·(in + out) each."""
+        """LoRA parameters for ``rank`` on the named linears of every layer, and on the LM head when
+        ``lm_head`` is named: r·(in + out) each."""
         shapes = self.linear_shapes()
-        unknown = sorted(set(target_modules) - set(shapes))
+        unknown = sorted(set(target_modules) - set(shapes) - {LM_HEAD})
         if unknown:
-            raise ValueError(f"unknown LoRA target modules {unknown}; known: {sorted(shapes)}")
-        per_layer = sum(rank * (shapes[m][0] + shapes[m][1]) for m in set(target_modules))
-        return self.num_layers * per_layer
+            raise ValueError(f"unknown LoRA target modules {unknown}; known: {sorted(shapes)} and {LM_HEAD}")
+        per_layer = sum(rank * (shapes[m][0] + shapes[m][1]) for m in set(target_modules) - {LM_HEAD})
+        head = rank * (self.hidden_size + self.vocab_size) if LM_HEAD in target_modules else 0
+        return self.num_layers * per_layer + head
 
     def activation_bytes_per_token(
         self, act_bytes: int, lora_rank: int, lora_targets: Sequence[str], lora_bytes: int | None = None
@@ -153,7 +158,7 @@ class ModelShape:
         mixed-precision policy) every LoRA branch keeps its own fp32 copy of its input instead.
         """
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_width, self.kv_width
-        targets = set(lora_targets)
+        targets = set(lora_targets) - {LM_HEAD}  # the head's adapter is outside the layers
         lora_bytes = act_bytes if lora_bytes is None else lora_bytes
         base = 2 * 4 * h + act_bytes * (q + 2 * kv + q + 3 * i)
         if lora_bytes == act_bytes:
@@ -172,9 +177,11 @@ class ModelShape:
             lora_inputs = lora_bytes * sum(shapes[m][0] for m in targets)
         return base + lora_inputs + lora_bytes * lora_rank * len(targets)
 
-    def root_activation_bytes_per_token(self) -> int:
-        """Kept outside the decoder layers: the final norm's fp32 input (the frozen LM head keeps none)."""
-        return 4 * self.hidden_size
+    def root_activation_bytes_per_token(self, lora_rank: int = 0, lora_targets: Sequence[str] = ()) -> int:
+        """Kept outside the decoder layers: the final norm's fp32 input (a frozen LM head keeps none;
+        an adapter on it keeps its fp32 input and its A output)."""
+        head = 4 * (self.hidden_size + lora_rank) if LM_HEAD in lora_targets else 0
+        return 4 * self.hidden_size + head
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +278,7 @@ def estimate_learner_memory(
     tokens = max(micro_batch_tokens, max_sequence_tokens)
     n_lora = shape.lora_params(lora_rank, lora_targets)
     per_layer = shape.activation_bytes_per_token(a, lora_rank, lora_targets, _DTYPE_BYTES[lora_dtype])
-    root = tokens * shape.root_activation_bytes_per_token()
+    root = tokens * shape.root_activation_bytes_per_token(lora_rank, lora_targets)
     if gradient_checkpointing:
         # Each layer's input is kept; in backward one layer at a time is recomputed in full.
         activations = root + shape.num_layers * tokens * a * shape.hidden_size + 2 * tokens * per_layer

@@ -277,21 +277,63 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def _plain_head(model: torch.nn.Module) -> torch.nn.Linear:
-    """The LM head, when logits are exactly ``head(final hidden state)``; ValueError otherwise."""
+@dataclass(frozen=True)
+class HeadWeights:
+    """The LM head as the logits see it: its weight with any active LoRA delta added (differentiable,
+    so gradients reach the adapter through ``chunked_token_logprobs`` as through ``head(hidden)``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+
+def _plain_head(model: torch.nn.Module) -> HeadWeights:
+    """The LM head, when logits are exactly ``head(final hidden state)``; ValueError otherwise.
+
+    A plain ``nn.Linear``, or one wrapped by a peft LoRA layer (``lm_head`` among the adapter's
+    targets): then the active adapters' deltas are added to the weight, unless the adapters are
+    disabled (the reference pass). LoRA dropout or variants (DoRA) are not a weight delta: refused.
+    """
     base: Any = _causal_lm(model)
     head = base.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(
-            f"chunked logprobs need a plain nn.Linear LM head, got {type(head).__name__}; "
-            "set logits_chunk_elements=0"
-        )
+    weights = _lora_head_weights(head) if hasattr(head, "base_layer") else None
+    if weights is None:
+        if not isinstance(head, torch.nn.Linear):
+            raise ValueError(
+                f"chunked logprobs need a plain nn.Linear LM head, got {type(head).__name__}; "
+                "set logits_chunk_elements=0"
+            )
+        weights = HeadWeights(head.weight, head.bias)
     modifiers = [name for name in _HEAD_MODIFIERS if getattr(base.config, name, None) not in (None, 1, 1.0)]
     if modifiers:
         raise ValueError(
             f"this model transforms its logits ({', '.join(modifiers)}); set logits_chunk_elements=0"
         )
-    return head
+    return weights
+
+
+def _lora_head_weights(head: Any) -> HeadWeights:
+    """Effective weight of a peft LoRA-wrapped linear head (see ``_plain_head``)."""
+    layer = head.base_layer
+    if not isinstance(layer, torch.nn.Linear):
+        name = type(layer).__name__
+        raise ValueError(f"the LM head wraps a {name}, not nn.Linear; set logits_chunk_elements=0")
+    weight = layer.weight
+    if head.disable_adapters or head.merged:
+        return HeadWeights(weight, layer.bias)  # merged: the delta is already in the weight
+    for name in head.active_adapters:
+        if name not in head.lora_A:
+            continue
+        dropout = head.lora_dropout[name]
+        if not isinstance(dropout, torch.nn.Identity) or head.use_dora.get(name, False):
+            raise ValueError(
+                "the LM head's LoRA has dropout or DoRA, which is not a weight delta; "
+                "set logits_chunk_elements=0"
+            )
+        weight = weight + head.get_delta_weight(name)
+    return HeadWeights(weight, layer.bias)
 
 
 def _predicted_hidden(model: torch.nn.Module, batch: ModelBatch) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 import xgrammar
@@ -37,6 +38,27 @@ def tools() -> tuple[FunctionDoc, ...]:
 def accepts(grammar_compiler: xgrammar.GrammarCompiler, grammar: str, text: str) -> bool:
     matcher = xgrammar.GrammarMatcher(grammar_compiler.compile_grammar(grammar))
     return matcher.accept_string(text) and matcher.is_completed()
+
+
+def sample_finished_replies(
+    model_dir, tools, options: GrammarOptions, user: str, *, max_new_tokens: int, n: int, seed: int
+) -> list[str]:
+    """``n`` replies of the random tiny model under ``options``' grammar; each must end (not be cut)."""
+
+    async def sample() -> list[str]:
+        async with await EmbeddedEngine.open(model_dir, EmbeddedEngineConfig(device="cpu")) as engine:
+            prompt = ChatTokenizer(engine.tokenizer).render_prompt([Message("user", user)])
+            request = GenerateRequest(
+                prompt_ids=tuple(prompt),
+                sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, n=n, seed=seed),
+                constraint=reply_constraint(tools, options),
+            )
+            completions = await engine.generate(request)
+            assert all(c.token_ids[-1] in engine.eos_token_ids for c in completions)  # none cut off
+            # The closing stop token is dropped whichever EOS it was (see test_learning_e2e: Known).
+            return [engine.tokenizer.decode(c.token_ids[:-1]) for c in completions]
+
+    return asyncio.run(sample())
 
 
 def reply(think: str, calls: str = '[{"name": "ls", "arguments": {}}]', sep: str = "") -> str:
@@ -117,24 +139,90 @@ def test_constraint_cache_builds_with_its_options(tools) -> None:
 def test_a_random_model_under_the_narrow_grammar_writes_parseable_replies(tiny_model_dir) -> None:
     """The point of the options: a random model's replies end, within a small budget, and parse."""
     tools = toy_function_docs()
-
-    async def sample() -> list[str]:
-        config = EmbeddedEngineConfig(device="cpu")
-        async with await EmbeddedEngine.open(tiny_model_dir, config) as engine:
-            prompt = ChatTokenizer(engine.tokenizer).render_prompt([Message("user", "Call cd.")])
-            request = GenerateRequest(
-                prompt_ids=tuple(prompt),
-                sampling=SamplingParams(max_new_tokens=64, temperature=1.0, n=16, seed=5),
-                constraint=reply_constraint(tools, NARROW),
-            )
-            completions = await engine.generate(request)
-            assert all(c.token_ids[-1] in engine.eos_token_ids for c in completions)  # none cut off
-            # The closing stop token is dropped whichever EOS it was (see test_learning_e2e: Known).
-            return [engine.tokenizer.decode(c.token_ids[:-1]) for c in completions]
-
-    texts = asyncio.run(sample())
+    texts = sample_finished_replies(
+        tiny_model_dir, tools, NARROW, "Call cd.", max_new_tokens=64, n=16, seed=5
+    )
     names = {t.name for t in tools}
     for text in texts:
         parsed = parse_reply(text)
         assert parsed.kind == "tool_call" and parsed.think == ""
         assert len(parsed.calls) == 1 and parsed.calls[0].name in names
+
+
+def test_string_array_and_number_arguments_are_bounded(grammar_compiler) -> None:
+    docs = load_function_docs()
+    tools = (docs["cd"], docs["notify_price_change"])  # a string; an array of strings and a number
+    options = GrammarOptions(max_string_chars=4, max_array_items=2, max_number_magnitude=1000)
+    grammar = reply_grammar(tools, options)
+
+    def cd(folder: str) -> str:
+        return reply("", json.dumps([{"name": "cd", "arguments": {"folder": folder}}], ensure_ascii=False))
+
+    def notify(stocks: list[str], threshold: str = "1.5") -> str:
+        return reply(
+            "",
+            '[{"name": "notify_price_change", "arguments": {"stocks": '
+            + json.dumps(stocks)
+            + f', "threshold": {threshold}}}}}]',
+        )
+
+    assert accepts(grammar_compiler, grammar, cd("éééé"))  # characters, not bytes
+    assert accepts(grammar_compiler, grammar, cd(""))
+    assert not accepts(grammar_compiler, grammar, cd("abcde"))
+    # Nothing the parser would refuse and nothing that needs an escape: control characters (JSON
+    # forbids them raw; xgrammar's own maxLength strings let them through), quotes, backslashes, "<".
+    for bad in ("a\x01", 'a\\"', "a\\\\", "a<b"):
+        text = reply("", '[{"name": "cd", "arguments": {"folder": "' + bad + '"}}]')
+        assert not accepts(grammar_compiler, grammar, text), bad
+    assert accepts(grammar_compiler, grammar, notify(["abcd", "x"]))
+    assert not accepts(grammar_compiler, grammar, notify(["abcde"]))  # strings inside arrays too
+    assert not accepts(grammar_compiler, grammar, notify(["a", "b", "c"]))
+    assert accepts(grammar_compiler, grammar, notify(["a"], "-999.5"))
+    for big in ("1000.5", "-2000", "5E650"):
+        assert not accepts(grammar_compiler, grammar, notify(["a"], big)), big
+    unbounded = reply_grammar(tools)
+    assert accepts(grammar_compiler, unbounded, cd("x" * 200))
+    assert accepts(grammar_compiler, unbounded, notify(["a"] * 9, "5E650"))
+    for name in ("max_string_chars", "max_array_items", "max_number_magnitude"):
+        with pytest.raises(ValueError, match=name):
+            GrammarOptions(**{name: 0})
+
+
+def test_bounds_keep_enums_patterns_and_tighter_bounds_of_the_schema() -> None:
+    from envtune.agents.grammar import tool_calls_json_schema
+
+    doc = FunctionDoc(
+        name="pick",
+        class_name="Toy",
+        description="",
+        parameters={
+            "type": "dict",
+            "properties": {
+                "mode": {"type": "string", "enum": ["a-very-long-mode"]},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "count": {"type": "integer"},
+            },
+            "required": ["mode"],
+        },
+    )
+    schema = tool_calls_json_schema((doc,), max_string_chars=3, max_array_items=5, max_number_magnitude=9.5)
+    arguments = schema["items"]["properties"]["arguments"]["properties"]
+    assert arguments["mode"] == {"type": "string", "enum": ["a-very-long-mode"]}  # stays callable
+    assert arguments["tags"]["maxItems"] == 5 and arguments["tags"]["items"]["pattern"].endswith("{0,3}$")
+    assert (arguments["count"]["minimum"], arguments["count"]["maximum"]) == (-9, 9)
+    assert tool_calls_json_schema((doc,)) == tool_calls_json_schema((doc,), max_string_chars=None)
+
+
+def test_a_random_model_under_bounded_arguments_writes_calls_the_parser_accepts(tiny_model_dir) -> None:
+    """What the bounds are for: every sampled reply with string and number arguments parses."""
+    docs = load_function_docs()
+    tools = (docs["add_to_watchlist"], docs["fund_account"], docs["notify_price_change"])
+    options = replace(NARROW, max_string_chars=16, max_array_items=2, max_number_magnitude=1e6)
+    texts = sample_finished_replies(
+        tiny_model_dir, tools, options, "Watch NVDA.", max_new_tokens=256, n=48, seed=3
+    )
+    called = set()
+    for text in texts:
+        parsed = parse_reply(text)  # raises on anything the environment would call a format error
+        called.add(parsed.calls[0].name)
+    assert len(called) >= 2  # the sample is not one degenerate call

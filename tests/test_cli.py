@@ -68,16 +68,16 @@ def test_a_users_toml_is_laid_over_the_chosen_preset(tmp_path: Path) -> None:
     """The README's promise: a TOML file goes over the paper preset, or over the CPU one with
     ``--preset cpu``; tables merge key by key, ``--set`` goes last."""
     mine = tmp_path / "my.toml"
-    mine.write_text('[rollout]\ngroup_size = 4\n\n[run]\nname = "mine"\n')
+    mine.write_text('[rollout]\ngroup_size = 12\n\n[run]\nname = "mine"\n')
     parser = build_arg_parser()
     cpu, _, _ = resolve_config(parser.parse_args([]))
     over_cpu, _, _ = resolve_config(parser.parse_args(["--preset", "cpu", str(mine), "--set", "run.seed=7"]))
-    assert (over_cpu.rollout.group_size, over_cpu.run.name, over_cpu.run.seed) == (4, "mine", 7)
+    assert (over_cpu.rollout.group_size, over_cpu.run.name, over_cpu.run.seed) == (12, "mine", 7)
     # Everything the file does not name is the CPU preset's, including keys beside it in [rollout].
-    assert over_cpu.rollout.groups_per_step == cpu.rollout.groups_per_step == 3
+    assert over_cpu.rollout.groups_per_step == cpu.rollout.groups_per_step == 4
     assert over_cpu.curriculum == cpu.curriculum and over_cpu.sampling == cpu.sampling
     over_paper, _, _ = resolve_config(parser.parse_args([str(mine)]))
-    assert over_paper.rollout.group_size == 4 and over_paper.rollout.groups_per_step == 32
+    assert over_paper.rollout.group_size == 12 and over_paper.rollout.groups_per_step == 32
     assert over_paper.curriculum == Config().curriculum
 
 

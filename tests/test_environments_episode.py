@@ -13,6 +13,7 @@ from envtune.environments import (
     PromptStyle,
     StepCode,
     ToolCall,
+    ToolListing,
     load_split,
     load_tasks,
 )
@@ -267,6 +268,30 @@ def test_system_prompts_per_stage_list_the_visible_tools(env: BfclEnvironment) -
     assert "resourceful" not in basic[0].content.lower()
     assert "resourceful" in resourceful[0].content.lower()
     assert '"name": "mkdir"' in basic[0].content
+
+
+def test_signature_listing_is_short_and_names_every_visible_tool(env: BfclEnvironment) -> None:
+    full = env.make_episode("multi_turn_base_0").start()[0].content
+    short_episode = env.make_episode("multi_turn_base_0", EpisodeConfig(tool_listing=ToolListing.SIGNATURES))
+    short = short_episode.start()[0].content
+    assert len(short) * 4 < len(full)
+    assert '"description"' in full and '"description"' not in short
+    assert "mkdir(dir_name: string)" in short
+    assert "ls(a?: boolean)" in short  # optional arguments are marked
+    listed = {line.split("(")[0] for line in short.splitlines() if line.endswith(")") and line[0] != "("}
+    assert listed == {doc.name for doc in short_episode.visible_tools()}
+
+
+def test_revealed_functions_use_the_episodes_listing(env: BfclEnvironment) -> None:
+    config = EpisodeConfig(tool_listing=ToolListing.SIGNATURES, max_steps_per_turn=1)
+    episode = env.make_episode("multi_turn_miss_func_0", config)
+    episode.start()
+    texts = []
+    while not episode.done:
+        result = episode.step(ANSWER_REPLY)
+        texts.extend(m.content for m in result.observation)
+    revealed = next(t for t in texts if "now available" in t)
+    assert "sort(file_name: string)" in revealed and '"description"' not in revealed
 
 
 def test_episode_state_errors(env: BfclEnvironment) -> None:

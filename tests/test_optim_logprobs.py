@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import xgrammar
-from envtune.optim.config import Batching, LearnerConfig
+from envtune.optim.config import QWEN2_TARGET_MODULES, Batching, LearnerConfig
 from envtune.optim.logprobs import (
     bitmask_words,
     check_masks,
@@ -13,7 +13,7 @@ from envtune.optim.logprobs import (
     token_logprobs_reference,
     unpack_bitmask,
 )
-from envtune.optim.lora import LoraSettings, attach_lora
+from envtune.optim.lora import LoraSettings, attach_lora, reference_mode
 from envtune.optim.packing import (
     DEFAULT_LOGITS_CHUNK_ELEMENTS,
     build_batch,
@@ -146,14 +146,16 @@ def test_bad_masks_raise() -> None:
 # --- through the model: token_logprobs chunked vs the model's own full logits ---------------------
 
 
-def lora_model(seed: int = 0) -> torch.nn.Module:
+def lora_model(seed: int = 0, *, head: bool = False) -> torch.nn.Module:
+    """``head``: the adapter also targets the (untied) LM head, as the CPU preset's adapter does."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=not head,
         attn_implementation="sdpa",
     )
-    model = attach_lora(Qwen2ForCausalLM(config), LoraSettings(rank=4, alpha=8.0))
+    targets = (*QWEN2_TARGET_MODULES, "lm_head") if head else QWEN2_TARGET_MODULES
+    model = attach_lora(Qwen2ForCausalLM(config), LoraSettings(rank=4, alpha=8.0, target_modules=targets))
     with torch.no_grad():  # a non-zero adapter, so its gradients exercise the whole path
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -163,8 +165,9 @@ def lora_model(seed: int = 0) -> torch.nn.Module:
 
 @pytest.mark.parametrize("batching", [Batching.PACKED, Batching.PADDED])
 @pytest.mark.parametrize("masked", [False, True])
-def test_token_logprobs_chunked_equals_full_logits(batching: Batching, masked: bool) -> None:
-    model = lora_model()
+@pytest.mark.parametrize("head", [False, True])
+def test_token_logprobs_chunked_equals_full_logits(batching: Batching, masked: bool, head: bool) -> None:
+    model = lora_model(head=head)
     if batching is Batching.PACKED:
         enable_packed_attention(model)
     g = torch.Generator().manual_seed(7)
@@ -194,6 +197,28 @@ def test_token_logprobs_chunked_equals_full_logits(batching: Batching, masked: b
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
         assert torch.allclose(a, c, atol=1e-5), (a - c).abs().max()
     assert full[0].shape == batch.target_ids.shape
+    if head:  # the head's adapter gets gradients (through the effective weight when chunked)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        head_grads = [g for n, g in zip(names, chunked[2:], strict=True) if "lm_head" in n]
+        assert len(head_grads) == 2 and all(g.abs().sum() > 0 for g in head_grads)
+        with reference_mode(model), torch.no_grad():  # adapters off: the base head, in every path
+            base = [token_logprobs(model, batch, logits_chunk_elements=e)[0] for e in (0, 7 * VOCAB, 10**9)]
+        assert torch.allclose(base[0], base[1], atol=1e-5) and torch.allclose(base[0], base[2], atol=1e-5)
+        assert not torch.allclose(base[0], full[0], atol=1e-3)
+
+
+def test_chunked_path_refuses_a_head_adapter_that_is_not_a_weight_delta() -> None:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )
+    settings = LoraSettings(rank=4, alpha=8.0, dropout=0.1, target_modules=("lm_head",))
+    model = attach_lora(Qwen2ForCausalLM(config), settings)
+    batch = build_batch([[1, 2, 3, 4]], [[False, True, True, True]], [0], Batching.PADDED)
+    with pytest.raises(ValueError, match="dropout or DoRA"):
+        token_logprobs(model, batch, logits_chunk_elements=7 * VOCAB)
+    assert token_logprobs(model, batch, logits_chunk_elements=0)[0].shape == (3,)  # the way out works
 
 
 def test_learner_default_budget_is_the_packing_default() -> None:

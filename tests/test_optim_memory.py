@@ -51,6 +51,14 @@ def test_parameter_counts_match_the_real_modules(config: Qwen2Config) -> None:
         lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert shape.base_params() == base
     assert shape.lora_params(16) == lora
+    with torch.device("meta"):
+        targets = [*QWEN2_LINEAR_MODULES, "lm_head"]
+        with_head = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=4, target_modules=targets))
+        head_lora = sum(p.numel() for p in with_head.parameters() if p.requires_grad)
+        only_head = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=4, target_modules=["lm_head"]))
+        only_head_lora = sum(p.numel() for p in only_head.parameters() if p.requires_grad)
+    assert shape.lora_params(4, targets) == head_lora  # the CPU preset's head adapter is counted too
+    assert shape.lora_params(4, ("lm_head",)) == only_head_lora
     if config is QWEN25_7B:
         assert 7.6e9 < base < 7.7e9  # "7.61B parameters" in the model card
 

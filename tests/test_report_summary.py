@@ -31,7 +31,11 @@ def test_headline_numbers() -> None:
     assert line.stages == ("syntax", "hints") and line.steps == 12
     assert line.wall_s == 120.0 and line.validation_accuracy == pytest.approx(0.6)
     assert line.episodes_per_s == 96 / 120
-    assert (round(line.reward_first or 0, 6), round(line.reward_last or 0, 6)) == (0.2, 1.1)
+    # Each stage's own trend (quarters of 6 steps: one step each); stages are never mixed.
+    syntax, hints = line.stage_rewards
+    assert (syntax.stage, syntax.steps, syntax.first, syntax.last) == ("syntax", 6, 0.1, pytest.approx(0.6))
+    assert (hints.stage, hints.first, hints.last) == ("hints", pytest.approx(0.7), pytest.approx(1.2))
+    assert "syntax 0.100 → 0.600 (6 steps), hints 0.700 → 1.200 (6 steps)" in line.text()
     assert "12 learner steps" in line.text() and "syntax → hints" in line.text() and "2:00" in line.text()
 
 

@@ -173,6 +173,9 @@ class StageConfig:
     questions, the cheapest episodes when compute is the limit, e.g. on a CPU)."""
     constrained: bool = False
     """Grammar-constrained decoding of the reply format."""
+    max_replies: int = 0
+    """0: episodes stop at the run's ``sampling.max_replies``. Otherwise this stage's episodes stop
+    after this many replies (a budget: fewer replies per prompt, cheaper and sharper credit)."""
     learner_masks: Literal["replay", "unconstrained_target"] = "replay"
     """Which policy the learner trains when replies are sampled under the grammar. ``replay``: the
     constrained policy (the grammar is part of the policy, as when evaluating constrained): the
@@ -195,6 +198,8 @@ class StageConfig:
             raise ValueError(f"categories {sorted(unknown) or 'empty'}; valid: {list(CATEGORIES)}")
         if self.max_tasks < 0:
             raise ValueError(f"max_tasks must be >= 0, got {self.max_tasks}")
+        if self.max_replies < 0:
+            raise ValueError(f"stage {self.name}: max_replies must be >= 0, got {self.max_replies}")
         if self.constrained and self.learner_masks == "unconstrained_target":
             raise ValueError(
                 f"stage {self.name}: learner_masks = 'unconstrained_target' trains the unconstrained "

@@ -78,6 +78,8 @@ class CurriculumTask:
     """How the environment talks to the model (feedback, prompt, replies per turn)."""
     constrained: bool
     """Grammar-constrained decoding on or off."""
+    max_replies: int = 0
+    """The stage's reply budget per episode; 0: the run's ``sampling.max_replies``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +344,7 @@ class CurriculumScheduler:
             reward=stage.reward,
             episode=stage.episode,
             constrained=stage.constrained,
+            max_replies=stage.max_replies,
         )
         self._dispatched += 1
         return spec

@@ -122,8 +122,11 @@ class CurriculumEpisodes:
         episode: Any,
         adapter: PublishedAdapter | None,
     ) -> Trajectory:
+        sampling = self._sampling
+        if task.max_replies:
+            sampling = replace(sampling, max_replies=task.max_replies)
         agent = AgentConfig(
-            sampling=self._sampling,
+            sampling=sampling,
             constrained=task.constrained,
             reward=task.reward,
             adapter=adapter.name if adapter is not None else None,

@@ -28,6 +28,21 @@ ZERO_GRADIENT = 1e-8
 
 
 @dataclass(frozen=True, slots=True)
+class StageReward:
+    """One stage's ``train/reward``: the mean of the first and of the last quarter of its steps."""
+
+    stage: str
+    steps: int
+    first: float
+    last: float
+
+    def text(self) -> str:
+        if self.steps == 1:
+            return f"{self.stage} {self.first:.3f} (1 step)"
+        return f"{self.stage} {self.first:.3f} → {self.last:.3f} ({self.steps} steps)"
+
+
+@dataclass(frozen=True, slots=True)
 class Headline:
     """The run in one line."""
 
@@ -41,10 +56,9 @@ class Headline:
     """The last validation accuracy (None when the run never validated)."""
     episodes_per_s: float | None
     """Episodes completed per second of wall time."""
-    reward_first: float | None
-    """Mean ``train/reward`` over the first quarter of the steps (at least one)."""
-    reward_last: float | None
-    """Mean ``train/reward`` over the last quarter of the steps."""
+    stage_rewards: tuple[StageReward, ...] = ()
+    """Each stage's own ``train/reward`` trend, in stage order (stages' rewards differ in kind and
+    scale, so they are never averaged together)."""
 
     def text(self) -> str:
         parts = [
@@ -55,9 +69,9 @@ class Headline:
             + (f"{self.validation_accuracy:.3f}" if self.validation_accuracy is not None else "not run"),
             f"{self.episodes_per_s:.2f} episodes/s" if self.episodes_per_s is not None else "- episodes/s",
         ]
-        if self.reward_first is not None and self.reward_last is not None:
-            rewards = f"{self.reward_first:.3f} → {self.reward_last:.3f}"
-            parts.append(f"train/reward {rewards} (first → last quarter of the steps)")
+        trends = [trend.text() for trend in self.stage_rewards]
+        if trends:
+            parts.append("train/reward, first → last quarter of each stage's steps: " + ", ".join(trends))
         return "; ".join(parts)
 
 
@@ -97,16 +111,28 @@ def headline(steps: Sequence[Mapping[str, Any]]) -> Headline:
     wall_s = wall[-1] if wall else None
     rate = completed[-1] / wall_s if completed and wall_s else None
     accuracy = _values(steps, "validation/accuracy")
-    first, last = _quarter_means(_values(steps, "train/reward"))
     return Headline(
         stages=tuple(stages),
         steps=len(steps),
         wall_s=wall_s,
         validation_accuracy=accuracy[-1] if accuracy else None,
         episodes_per_s=rate,
-        reward_first=first,
-        reward_last=last,
+        stage_rewards=_stage_rewards(steps),
     )
+
+
+def _stage_rewards(steps: Sequence[Mapping[str, Any]]) -> tuple[StageReward, ...]:
+    by_stage: dict[str, list[float]] = {}
+    for record in steps:
+        name, value = record.get("stage_name"), _number(record.get("train/reward"))
+        if isinstance(name, str) and value is not None:
+            by_stage.setdefault(name, []).append(value)
+    trends = []
+    for name, values in by_stage.items():
+        first, last = _quarter_means(values)
+        assert first is not None and last is not None  # values is never empty here
+        trends.append(StageReward(name, len(values), first, last))
+    return tuple(trends)
 
 
 def warnings(steps: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]]) -> list[str]:
