@@ -92,13 +92,6 @@ def _values(steps: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     return [v for s in steps if (v := _number(s.get(key))) is not None]
 
 
-def _quarter_means(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    n = max(1, len(values) // 4)
-    return sum(values[:n]) / n, sum(values[-n:]) / n
-
-
 def headline(steps: Sequence[Mapping[str, Any]]) -> Headline:
     """The headline of a run from its step records (in step order)."""
     stages: list[str] = []
@@ -121,17 +114,22 @@ def headline(steps: Sequence[Mapping[str, Any]]) -> Headline:
     )
 
 
-def _stage_rewards(steps: Sequence[Mapping[str, Any]]) -> tuple[StageReward, ...]:
-    by_stage: dict[str, list[float]] = {}
+def _rewards_by_stage(steps: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, ``train/reward``) of each stage's own steps, stages in the order they ran."""
+    by_stage: dict[str, list[tuple[int, float]]] = {}
     for record in steps:
         name, value = record.get("stage_name"), _number(record.get("train/reward"))
         if isinstance(name, str) and value is not None:
-            by_stage.setdefault(name, []).append(value)
+            by_stage.setdefault(name, []).append((int(record["step"]), value))
+    return by_stage
+
+
+def _stage_rewards(steps: Sequence[Mapping[str, Any]]) -> tuple[StageReward, ...]:
     trends = []
-    for name, values in by_stage.items():
-        first, last = _quarter_means(values)
-        assert first is not None and last is not None  # values is never empty here
-        trends.append(StageReward(name, len(values), first, last))
+    for name, points in _rewards_by_stage(steps).items():
+        values = [value for _, value in points]
+        n = max(1, len(values) // 4)
+        trends.append(StageReward(name, len(values), sum(values[:n]) / n, sum(values[-n:]) / n))
     return tuple(trends)
 
 
@@ -175,11 +173,7 @@ def stage_reward_figure(
     steps: Sequence[Mapping[str, Any]], promotions: Sequence[Mapping[str, Any]], out: Path
 ) -> Path | None:
     """``train/reward`` over each stage's own steps, one panel per stage titled with why it ended."""
-    by_stage: dict[str, list[tuple[int, float]]] = {}
-    for record in steps:
-        name, value = record.get("stage_name"), _number(record.get("train/reward"))
-        if isinstance(name, str) and value is not None:
-            by_stage.setdefault(name, []).append((int(record["step"]), value))
+    by_stage = _rewards_by_stage(steps)
     if not by_stage:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
