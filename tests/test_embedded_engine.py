@@ -244,9 +244,10 @@ async def test_bad_requests_raise_non_retryable_errors(
 async def test_cancelled_request_leaves_the_engine_serving(
     engine: EmbeddedEngine, prompt: tuple[int, ...]
 ) -> None:
-    long = asyncio.ensure_future(
-        engine.generate(GenerateRequest(prompt, SamplingParams(max_new_tokens=2000, temperature=1.0)))
-    )
+    # Seeded: an unseeded sample sometimes ends on EOS within the first few tokens (seed 1 does at
+    # token 11), finishing before the cancel arrives; seed 0 runs past 300 tokens.
+    sampling = SamplingParams(max_new_tokens=2000, temperature=1.0, seed=0)
+    long = asyncio.ensure_future(engine.generate(GenerateRequest(prompt, sampling)))
     await asyncio.sleep(0.05)
     long.cancel()
     with pytest.raises(asyncio.CancelledError):
